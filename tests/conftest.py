@@ -1,0 +1,45 @@
+"""Fixtures shared across the suite: a tiny random checkpoint and the bundle exported from it."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A `tiny` U-Net on 1×16×16 images with random (non-zero) weights, saved as a dtk checkpoint."""
+    import torch
+
+    from dtk.checkpoint import Checkpoint, save_checkpoint
+    from dtk.runtime.schedule import DiffusionConfig
+    from dtk.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    config = UNetConfig.preset("tiny", image_size=16, in_channels=1, out_channels=1)
+    model = UNet(config)
+    with torch.no_grad():  # DDPM zero-initialises output layers; give them weights so outputs carry signal
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.02)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt = Checkpoint(
+        model_config=config,
+        diffusion=DiffusionConfig(),
+        model_state=state,
+        ema_state=state,
+        step=0,
+        train_state=None,
+    )
+    path = tmp_path_factory.mktemp("checkpoint") / "model.pt"
+    save_checkpoint(path, ckpt)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint, tmp_path_factory):
+    """`tiny_checkpoint` exported to a verified fp32 bundle with batch range 1..4."""
+    from dtk.export.bundle import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    export_bundle(tiny_checkpoint, out, ExportOptions(batch=(1, 2, 4)))
+    return out
