@@ -1,0 +1,5 @@
+"""`python -m dtk` is the `dtk` command."""
+
+from dtk.cli import run
+
+run()
