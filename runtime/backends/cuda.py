@@ -1,0 +1,515 @@
+"""cuda-python plumbing for the TensorRT backend: checked calls, buffers, one stream, update kernel, graphs.
+
+`CudaSession` owns one GPU's stream and everything made through it (device buffers from cudaMalloc, pinned
+host staging from cudaMallocHost, the NVRTC-compiled sampler update kernel, captured CUDA graphs) and frees
+all of it on close. cuda-python is imported lazily: `cuda.bindings` (12.6 and later) or the older
+`cuda.cudart` layout. pycuda can stand in as the allocator where an application already uses it; it is never
+required.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from dtk.runtime.errors import DtkError
+
+CUDA_PYTHON_HINT = (
+    "install it with `pip install dtk[tensorrt]` (or `pip install cuda-python` matching your CUDA)"
+)
+NVRTC_HINT = (
+    'NVRTC (libnvrtc) is missing: `pip install "cuda-python[all]"` or `pip install nvidia-cuda-nvrtc-cu12` '
+    "(match your CUDA major), or install the CUDA toolkit; JetPack ships it on Jetson"
+)
+ALLOCATORS = ("cuda-python", "pycuda")
+
+UPDATE_KERNEL_NAME = "dtk_sampler_update"
+COEFF_SLOTS = 8  # p, q, a, b, c, d, e, clip
+BLOCK_SIZE = 256
+MAX_BLOCKS = 65535
+
+# The sampler update of dtk.runtime.samplers.update, one element per thread, in fp32:
+#   x0 = p*x + q*out;  x0 = clip(x0, -clip, clip) if clip > 0
+#   x_next = a*x + b*out + c*x0 + d*x0_prev + e*noise
+# in place: x <- x_next, x0_prev <- x0. The coefficients come from a device buffer, so a captured CUDA graph
+# replays every step with that step's numbers. The clamp keeps NaN as NaN, like numpy's clip.
+UPDATE_KERNEL_SOURCE = r"""
+__host__ __device__ inline void dtk_update_element(
+    float x, float out, float x0_prev, float noise, const float* coeffs, float* x_next, float* x0)
+{
+    const float p = coeffs[0], q = coeffs[1], a = coeffs[2], b = coeffs[3];
+    const float c = coeffs[4], d = coeffs[5], e = coeffs[6], clip = coeffs[7];
+    float v = p * x + q * out;
+    if (clip > 0.0f) {
+        v = v < -clip ? -clip : (v > clip ? clip : v);
+    }
+    float next = a * x + b * out + c * v + d * x0_prev;
+    if (e != 0.0f) {
+        next += e * noise;
+    }
+    *x_next = next;
+    *x0 = v;
+}
+
+extern "C" __global__ void dtk_sampler_update(
+    float* __restrict__ x,              // [n] x_t in, x_next out
+    float* __restrict__ x0_prev,        // [n] previous step's x0 in, this step's x0 out
+    const float* __restrict__ out,      // [n] network output at x_t
+    const float* __restrict__ noise,    // [n] fresh N(0, 1) noise, read only when e != 0
+    const float* __restrict__ coeffs,   // [8] p, q, a, b, c, d, e, clip (clip <= 0: none)
+    long long n)
+{
+    const float e = coeffs[6];
+    const long long stride = (long long)blockDim.x * gridDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        float x_next, x0;
+        dtk_update_element(x[i], out[i], x0_prev[i], e != 0.0f ? noise[i] : 0.0f, coeffs, &x_next, &x0);
+        x[i] = x_next;
+        x0_prev[i] = x0;
+    }
+}
+"""
+
+
+class CudaError(DtkError):
+    """A CUDA, driver or NVRTC call failed; the message names the call and the error."""
+
+
+class CudaLibraryMissing(CudaError):
+    """cuda-python could not load a library it wraps (libcuda without a driver, libnvrtc without NVRTC)."""
+
+
+class NvrtcUnavailable(DtkError):
+    """The update kernel cannot be compiled here (no NVRTC); callers may fall back to the host update."""
+
+
+@dataclass(frozen=True)
+class Bindings:
+    runtime: object
+    driver: object
+    nvrtc: object
+
+
+def _load_bindings() -> Bindings:
+    try:
+        from cuda.bindings import driver, nvrtc, runtime
+    except ImportError:
+        try:
+            from cuda import cuda as driver  # cuda-python before 12.6
+            from cuda import cudart as runtime
+            from cuda import nvrtc
+        except ImportError:
+            raise DtkError(f"cuda-python is not installed: {CUDA_PYTHON_HINT}") from None
+    return Bindings(runtime, driver, nvrtc)
+
+
+class Cuda:
+    """cuda-python, every call checked: `cuda.rt("cudaMalloc", n)` returns the pointer or raises CudaError."""
+
+    def __init__(self, bindings: Bindings | None = None):
+        self.bindings = bindings or _load_bindings()
+        self.runtime = self.bindings.runtime
+        self.driver = self.bindings.driver
+        self.nvrtc = self.bindings.nvrtc
+
+    def rt(self, name: str, *args):
+        return self._call(self.runtime, name, args)
+
+    def drv(self, name: str, *args):
+        return self._call(self.driver, name, args)
+
+    def rtc(self, name: str, *args):
+        return self._call(self.nvrtc, name, args)
+
+    def _call(self, module, name: str, args: tuple):
+        try:
+            result = getattr(module, name)(*args)
+        except RuntimeError as e:  # cuda-python raises when the library behind a call cannot be loaded
+            raise CudaLibraryMissing(f"{name}: {e}") from None
+        error, *values = result if isinstance(result, tuple) else (result,)
+        if int(error) != 0:
+            raise CudaError(f"{name} failed: {self.describe(error)}")
+        if not values:
+            return None
+        return values[0] if len(values) == 1 else tuple(values)
+
+    def describe(self, error) -> str:
+        """'cudaErrorMemoryAllocation (out of memory)' for any cudaError_t, CUresult or nvrtcResult."""
+        lookups = {
+            "cudaError_t": (self.runtime, "cudaGetErrorName", "cudaGetErrorString"),
+            "CUresult": (self.driver, "cuGetErrorName", "cuGetErrorString"),
+            "nvrtcResult": (self.nvrtc, "nvrtcGetErrorString", None),
+        }
+        module, name_fn, text_fn = lookups.get(type(error).__name__, (None, None, None))
+        try:
+            name = _text(getattr(module, name_fn)(error)[1])
+            text = _text(getattr(module, text_fn)(error)[1]) if text_fn else ""
+        except Exception:  # describing an error must never hide it
+            return f"error {int(error)} ({error})"
+        return f"{name} ({text})" if text and text != name else name
+
+
+def _text(value) -> str:
+    if isinstance(value, bytes):
+        value = value.split(b"\0", 1)[0].decode(errors="replace")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    compute_capability: tuple[int, int]
+    total_memory: int
+
+    @property
+    def sm(self) -> str:
+        return "sm_{}{}".format(*self.compute_capability)
+
+
+def gpu_info(device: int = 0, cuda: Cuda | None = None) -> GpuInfo:
+    """Name, compute capability and memory of GPU `device`; a DtkError saying why when there is none."""
+    cuda = cuda or Cuda()
+    try:
+        count = cuda.rt("cudaGetDeviceCount")
+    except CudaError as e:
+        raise DtkError(
+            f"no CUDA GPU is usable here ({e}); TensorRT needs an NVIDIA GPU and its driver"
+        ) from None
+    if not count:
+        raise DtkError("no CUDA GPU is visible (cudaGetDeviceCount returned 0); check CUDA_VISIBLE_DEVICES")
+    if not 0 <= device < count:
+        raise DtkError(f"GPU {device} does not exist; this machine has {count} (0..{count - 1})")
+    prop = cuda.rt("cudaGetDeviceProperties", device)
+    return GpuInfo(device, _text(prop.name), (int(prop.major), int(prop.minor)), int(prop.totalGlobalMem))
+
+
+@dataclass
+class DeviceBuffer:
+    ptr: int
+    nbytes: int
+
+
+@dataclass
+class HostBuffer:
+    """Pinned (page-locked) host memory, readable and writable as numpy arrays."""
+
+    ptr: int
+    nbytes: int
+    _raw: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def array(self, dtype, count: int | None = None) -> np.ndarray:
+        if self._raw is None:
+            self._raw = np.ctypeslib.as_array((ctypes.c_uint8 * self.nbytes).from_address(self.ptr))
+        view = self._raw.view(np.dtype(dtype))
+        return view if count is None else view[:count]
+
+
+class CudaAllocator:
+    """cudaMalloc and cudaMallocHost through cuda-python (the default)."""
+
+    name = "cuda-python"
+
+    def __init__(self, cuda: Cuda):
+        self.cuda = cuda
+
+    def device(self, nbytes: int) -> int:
+        return int(self.cuda.rt("cudaMalloc", nbytes))
+
+    def free_device(self, ptr: int) -> None:
+        self.cuda.rt("cudaFree", ptr)
+
+    def host(self, nbytes: int) -> int:
+        return int(self.cuda.rt("cudaMallocHost", nbytes))
+
+    def free_host(self, ptr: int) -> None:
+        self.cuda.rt("cudaFreeHost", ptr)
+
+    def close(self) -> None:
+        pass
+
+
+class PyCudaAllocator:
+    """The same buffers from pycuda, in the device's primary context (the one the CUDA runtime uses)."""
+
+    name = "pycuda"
+
+    def __init__(self, device: int):
+        try:
+            import pycuda.driver as drv
+        except ImportError:
+            raise DtkError(
+                "allocator 'pycuda' needs pycuda (`pip install pycuda`); the default does not"
+            ) from None
+        drv.init()
+        self._drv = drv
+        self._context = drv.Device(device).retain_primary_context()
+        self._context.push()
+        self._device: dict[int, object] = {}
+        self._host: dict[int, np.ndarray] = {}
+
+    def device(self, nbytes: int) -> int:
+        allocation = self._drv.mem_alloc(nbytes)
+        self._device[int(allocation)] = allocation
+        return int(allocation)
+
+    def free_device(self, ptr: int) -> None:
+        self._device.pop(ptr).free()
+
+    def host(self, nbytes: int) -> int:
+        array = self._drv.pagelocked_empty(nbytes, np.uint8)
+        self._host[array.ctypes.data] = array
+        return array.ctypes.data
+
+    def free_host(self, ptr: int) -> None:
+        self._host.pop(ptr).base.free()
+
+    def close(self) -> None:
+        self._context.pop()
+
+
+class CudaGraph:
+    """An instantiated graph captured on the session's stream; `launch` replays it there."""
+
+    def __init__(self, session: CudaSession, graph, graph_exec):
+        self._session, self._graph, self._exec = session, graph, graph_exec
+
+    def launch(self) -> None:
+        self._session.cuda.rt("cudaGraphLaunch", self._exec, self._session.stream)
+
+    def destroy(self) -> None:
+        if self._exec is None:
+            return
+        cuda = self._session.cuda
+        cuda.rt("cudaGraphExecDestroy", self._exec)
+        cuda.rt("cudaGraphDestroy", self._graph)
+        self._exec = self._graph = None
+        self._session._graphs.remove(self)
+
+
+class CudaSession:
+    """One GPU and one non-blocking stream, with every buffer, module and graph made through it."""
+
+    def __init__(
+        self,
+        device: int = 0,
+        allocator: str = "cuda-python",
+        cuda: Cuda | None = None,
+        gpu: GpuInfo | None = None,
+    ):
+        if allocator not in ALLOCATORS:
+            raise DtkError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
+        self.cuda = cuda or Cuda()
+        self.gpu = gpu or gpu_info(device, self.cuda)
+        self.device = device
+        self._device_buffers: list[DeviceBuffer] = []
+        self._host_buffers: list[HostBuffer] = []
+        self._modules: list = []
+        self._graphs: list[CudaGraph] = []
+        self.stream = None
+        self.closed = False
+        self.activate()
+        self.allocator = CudaAllocator(self.cuda) if allocator == "cuda-python" else PyCudaAllocator(device)
+        try:
+            self.stream = self.cuda.rt("cudaStreamCreateWithFlags", self.cuda.runtime.cudaStreamNonBlocking)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def stream_handle(self) -> int:
+        """The stream as the integer handle TensorRT's execute_async_v3 takes."""
+        return int(self.stream)
+
+    def activate(self) -> None:
+        """Make this GPU (its primary context) current on the calling thread."""
+        self.cuda.rt("cudaSetDevice", self.device)
+
+    def device_buffer(self, nbytes: int) -> DeviceBuffer:
+        buffer = DeviceBuffer(self.allocator.device(nbytes), nbytes)
+        self._device_buffers.append(buffer)
+        return buffer
+
+    def host_buffer(self, nbytes: int) -> HostBuffer:
+        buffer = HostBuffer(self.allocator.host(nbytes), nbytes)
+        self._host_buffers.append(buffer)
+        return buffer
+
+    def upload(self, dst: DeviceBuffer, src: HostBuffer, nbytes: int) -> None:
+        _check_fits(nbytes, dst, src)
+        kind = self.cuda.runtime.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self.cuda.rt("cudaMemcpyAsync", dst.ptr, src.ptr, nbytes, kind, self.stream)
+
+    def download(self, dst: HostBuffer, src: DeviceBuffer, nbytes: int) -> None:
+        _check_fits(nbytes, dst, src)
+        kind = self.cuda.runtime.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self.cuda.rt("cudaMemcpyAsync", dst.ptr, src.ptr, nbytes, kind, self.stream)
+
+    def zero(self, buffer: DeviceBuffer, nbytes: int | None = None) -> None:
+        nbytes = buffer.nbytes if nbytes is None else nbytes
+        _check_fits(nbytes, buffer)
+        self.cuda.rt("cudaMemsetAsync", buffer.ptr, 0, nbytes, self.stream)
+
+    def synchronize(self) -> None:
+        self.cuda.rt("cudaStreamSynchronize", self.stream)
+
+    def load_function(self, image: bytes, name: str):
+        """Load a cubin or PTX image into the current context and return its kernel `name`."""
+        self.cuda.drv("cuInit", 0)
+        module = self.cuda.drv("cuModuleLoadData", image)
+        self._modules.append(module)
+        return self.cuda.drv("cuModuleGetFunction", module, name.encode())
+
+    def capture(self, enqueue: Callable[[], None]) -> CudaGraph:
+        """Record what `enqueue` puts on the stream (nothing runs) and instantiate it as a graph to replay."""
+        runtime = self.cuda.runtime
+        mode = runtime.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        self.cuda.rt("cudaStreamBeginCapture", self.stream, mode)
+        try:
+            enqueue()
+        except BaseException:
+            with contextlib.suppress(CudaError):
+                broken = self.cuda.rt("cudaStreamEndCapture", self.stream)
+                if broken is not None:
+                    self.cuda.rt("cudaGraphDestroy", broken)
+            raise
+        graph = self.cuda.rt("cudaStreamEndCapture", self.stream)
+        try:
+            graph_exec = self.cuda.rt("cudaGraphInstantiate", graph, 0)
+        except CudaError:
+            self.cuda.rt("cudaGraphDestroy", graph)
+            raise
+        captured = CudaGraph(self, graph, graph_exec)
+        self._graphs.append(captured)
+        return captured
+
+    def close(self) -> None:
+        """Free everything, even after an error; the first failure is raised once all is released."""
+        if self.closed:
+            return
+        self.closed = True
+        failures: list[BaseException] = []
+
+        def attempt(fn, *args):
+            try:
+                fn(*args)
+            except Exception as e:  # keep releasing the rest
+                failures.append(e)
+
+        if self.stream is not None:
+            attempt(self.synchronize)
+        for graph in list(self._graphs):
+            attempt(graph.destroy)
+        for module in self._modules:
+            attempt(self.cuda.drv, "cuModuleUnload", module)
+        for buffer in self._device_buffers:
+            attempt(self.allocator.free_device, buffer.ptr)
+        for buffer in self._host_buffers:
+            attempt(self.allocator.free_host, buffer.ptr)
+        self._graphs, self._modules, self._device_buffers, self._host_buffers = [], [], [], []
+        if self.stream is not None:
+            attempt(self.cuda.rt, "cudaStreamDestroy", self.stream)
+            self.stream = None
+        if hasattr(self, "allocator"):
+            attempt(self.allocator.close)
+        if failures:
+            raise failures[0]
+
+
+def _check_fits(nbytes: int, *buffers) -> None:
+    for buffer in buffers:
+        if nbytes > buffer.nbytes:
+            raise ValueError(f"copy of {nbytes} bytes into a {buffer.nbytes}-byte buffer")
+
+
+_COMPILED: dict[tuple[int, int], bytes] = {}
+
+
+def compile_update_kernel(cuda: Cuda, compute_capability: tuple[int, int]) -> bytes:
+    """The update kernel for this GPU: a cubin for its sm, or PTX for the newest arch NVRTC knows below it."""
+    if compute_capability in _COMPILED:
+        return _COMPILED[compute_capability]
+    arch = compute_capability[0] * 10 + compute_capability[1]
+    try:
+        program = cuda.rtc("nvrtcCreateProgram", UPDATE_KERNEL_SOURCE.encode(), b"dtk_update.cu", 0, [], [])
+    except CudaLibraryMissing as e:
+        raise NvrtcUnavailable(f"{NVRTC_HINT} ({e})") from None
+    try:
+        supported = [int(a) for a in cuda.rtc("nvrtcGetSupportedArchs")]
+        cubin = arch in supported
+        if cubin:
+            option = f"--gpu-architecture=sm_{arch}"
+        else:
+            older = [a for a in supported if a <= arch]
+            if not older:
+                raise NvrtcUnavailable(
+                    f"this NVRTC cannot target sm_{arch} (it knows {supported}); update CUDA"
+                )
+            option = f"--gpu-architecture=compute_{max(older)}"
+        try:
+            cuda.rtc("nvrtcCompileProgram", program, 1, [option.encode()])
+        except CudaError as e:
+            raise DtkError(  # noqa: B904 (the compiler log is the useful part, not the chain)
+                f"NVRTC could not compile the sampler update kernel: {e}\n{_program_log(cuda, program)}"
+            )
+        size_fn, get_fn = (
+            ("nvrtcGetCUBINSize", "nvrtcGetCUBIN") if cubin else ("nvrtcGetPTXSize", "nvrtcGetPTX")
+        )
+        image = b" " * int(cuda.rtc(size_fn, program))
+        cuda.rtc(get_fn, program, image)
+    finally:
+        cuda.rtc("nvrtcDestroyProgram", program)
+    _COMPILED[compute_capability] = image
+    return image
+
+
+def _program_log(cuda: Cuda, program) -> str:
+    try:
+        log = b" " * int(cuda.rtc("nvrtcGetProgramLogSize", program))
+        cuda.rtc("nvrtcGetProgramLog", program, log)
+        return _text(log)
+    except DtkError:
+        return "(no compiler log)"
+
+
+class UpdateKernel:
+    """The sampler update on device buffers, launched on the session's stream (graph capture records it)."""
+
+    def __init__(self, session: CudaSession):
+        self._session = session
+        image = compile_update_kernel(session.cuda, session.gpu.compute_capability)
+        self._function = session.load_function(image, UPDATE_KERNEL_NAME)
+
+    def launch(
+        self,
+        x: DeviceBuffer,
+        x0_prev: DeviceBuffer,
+        out: DeviceBuffer,
+        noise: DeviceBuffer,
+        coeffs: DeviceBuffer,
+        n: int,
+    ) -> None:
+        """x ← x_next and x0_prev ← x0 over the first `n` float32 elements; coeffs holds 8 float32."""
+        _check_fits(4 * n, x, x0_prev, out, noise)
+        _check_fits(4 * COEFF_SLOTS, coeffs)
+        # cuLaunchKernel takes an array of pointers to the argument values; all six are 8 bytes wide.
+        values = np.array([x.ptr, x0_prev.ptr, out.ptr, noise.ptr, coeffs.ptr, n], dtype=np.uint64)
+        pointers = values.ctypes.data + 8 * np.arange(len(values), dtype=np.uint64)
+        blocks = max(1, min(-(-n // BLOCK_SIZE), MAX_BLOCKS))
+        self._session.cuda.drv(
+            "cuLaunchKernel",
+            self._function,
+            blocks,
+            1,
+            1,
+            BLOCK_SIZE,
+            1,
+            1,
+            0,
+            self._session.stream,
+            pointers.ctypes.data,
+            0,
+        )

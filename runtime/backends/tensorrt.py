@@ -1,0 +1,407 @@
+"""The TensorRT backend: a unet.plan as a Denoiser, and whole sampling chains that stay on the GPU.
+
+    with TensorRTDenoiser("bundle/unet.plan", manifest, cuda_graph=True) as denoiser:
+        x = denoiser.run_chain(plan, x, noise)      # x: float32 [B, C, H, W] on the host, in and out
+
+The sidecar is checked first (TensorRT version, GPU), then the plan is deserialized. Buffers for the largest
+batch are allocated once; the engine's named tensors are bound to them once. `run_chain` uploads x, then per
+step copies that step's timestep, coefficients and host noise through pinned memory, runs the engine and the
+NVRTC update kernel; x only comes back at the end (or for a callback). With `cuda_graph=True` a step is
+captured once per batch size and replayed: its inputs are read from the pinned buffers at replay time, so
+every step's own numbers flow through one unchanged graph.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+from dtk.runtime.backends.base import DenoiserBase
+from dtk.runtime.backends.cuda import (
+    COEFF_SLOTS,
+    Cuda,
+    CudaSession,
+    NvrtcUnavailable,
+    UpdateKernel,
+    gpu_info,
+)
+from dtk.runtime.errors import DtkError, file_error
+from dtk.runtime.manifest import Manifest
+from dtk.runtime.sidecar import Target, check_plan_bytes, check_sidecar, load_sidecar, rebuild_hint
+
+TENSORRT_HINT = (
+    "install it with `pip install dtk[tensorrt]` (NVIDIA's tensorrt wheels for x86-64 and ARM servers), "
+    "or on Jetson use the TensorRT that ships with JetPack 6 (`sudo apt install nvidia-jetpack`, "
+    "in a venv made with --system-site-packages)"
+)
+
+
+class TensorRTMissing(DtkError):
+    """`import tensorrt` failed."""
+
+
+def import_tensorrt():
+    """The tensorrt module, or a DtkError saying how to get it."""
+    try:
+        import tensorrt
+    except (ImportError, OSError) as e:  # OSError: the wheel is there but libnvinfer is not
+        raise TensorRTMissing(f"TensorRT is not installed ({e}): {TENSORRT_HINT}") from None
+    return tensorrt
+
+
+def tensorrt_major(trt) -> int:
+    return int(trt.__version__.split(".")[0])
+
+
+def make_logger(trt, verbose: bool = False):
+    """A TensorRT logger: warnings and errors (all when verbose) to stderr; errors kept for messages."""
+
+    class DtkLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            level = int(severity)
+            if level <= int(trt.ILogger.Severity.ERROR):
+                self.errors.append(str(msg))
+            if verbose or level <= int(trt.ILogger.Severity.WARNING):
+                _echo(f"[TensorRT] {msg}")
+
+    return DtkLogger()
+
+
+def _echo(line: str) -> None:
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
+    except ImportError:
+        print(line, file=sys.stderr)
+
+
+class TensorRTDenoiser(DenoiserBase):
+    """A TensorRT plan on one GPU: `__call__` on host arrays, `run_chain` for device-resident sampling."""
+
+    name = "tensorrt"
+
+    def __init__(
+        self,
+        plan_path: str | Path,
+        manifest: Manifest,
+        device: int = 0,
+        cuda_graph: bool = False,
+        allocator: str = "cuda-python",
+        verbose: bool = False,
+    ):
+        self.plan_path = Path(plan_path)
+        self.manifest = manifest
+        self.cuda_graph = cuda_graph
+        self._session: CudaSession | None = None
+        self._context = self._engine = self._runtime = None
+        self._graphs: dict[str, object] = {}
+        self._kernel: UpdateKernel | None = None
+        self._closed = False
+        if not self.plan_path.is_file():
+            raise file_error(self.plan_path, "no such plan; build one with `dtk build-engine BUNDLE`")
+        self.sidecar = load_sidecar(self.plan_path)
+        trt = import_tensorrt()
+        cuda = Cuda()
+        gpu = gpu_info(device, cuda)
+        check_sidecar(self.sidecar, Target(trt.__version__, gpu.name, gpu.compute_capability), self.plan_path)
+        data = self.plan_path.read_bytes()
+        check_plan_bytes(self.sidecar, data, self.plan_path)
+        self._session = CudaSession(device, allocator, cuda=cuda, gpu=gpu)
+        try:
+            self._open_engine(trt, data, verbose)
+            self._allocate()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- setup -----------------------------------------------------------------------------------------------
+
+    def _open_engine(self, trt, data: bytes, verbose: bool) -> None:
+        self._logger = make_logger(trt, verbose)
+        self._runtime = trt.Runtime(self._logger)
+        if self.sidecar.version_compat:  # the plan carries its own lean runtime; we built it, so we trust it
+            self._runtime.engine_host_code_allowed = True
+        self._engine = self._runtime.deserialize_cuda_engine(data)
+        if self._engine is None:
+            reason = "; ".join(self._logger.errors) or "no reason given"
+            raise file_error(
+                self.plan_path,
+                f"TensorRT could not load this plan ({reason}); {rebuild_hint(self.plan_path)}",
+            )
+        self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise DtkError(
+                f"{self.plan_path}: TensorRT could not create an execution context (GPU memory full?)"
+            )
+
+        engine = self._engine
+        self._sample = self.manifest.inputs[0].name
+        self._timestep = self.manifest.inputs[1].name
+        self._output = self.manifest.outputs[0].name
+        found = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+        wanted = {self._sample, self._timestep, self._output}
+        if not wanted <= found:
+            raise file_error(
+                self.plan_path,
+                f"has tensors {sorted(found)}, the manifest names {sorted(wanted)}; "
+                f"{rebuild_hint(self.plan_path)}",
+            )
+        for name, mode in ((self._sample, "INPUT"), (self._timestep, "INPUT"), (self._output, "OUTPUT")):
+            if engine.get_tensor_mode(name) != getattr(trt.TensorIOMode, mode):
+                raise file_error(self.plan_path, f"tensor {name!r} is not an {mode.lower()} of the plan")
+        self._dtype = {name: np.dtype(trt.nptype(engine.get_tensor_dtype(name))) for name in wanted}
+
+        C, (H, W) = self.manifest.in_channels, self.manifest.image_size
+        shape = tuple(int(d) for d in engine.get_tensor_shape(self._sample))
+        if shape[1:] != (C, H, W):
+            raise file_error(
+                self.plan_path, f"takes samples of shape {shape}, the manifest says [B, {C}, {H}, {W}]"
+            )
+        if shape[0] < 0:
+            low, opt, high = (int(dims[0]) for dims in engine.get_tensor_profile_shape(self._sample, 0))
+        else:
+            low = opt = high = shape[0]
+        self.batch_range = (low, high)
+        self._opt_batch = opt
+
+    def _allocate(self) -> None:
+        session, high = self._session, self.batch_range[1]
+        C, Co, (H, W) = self.manifest.in_channels, self.manifest.out_channels, self.manifest.image_size
+        self._elements = {self._sample: C * H * W, self._timestep: 1, self._output: Co * H * W}
+        self._device, self._host = {}, {}
+        for name, per_image in self._elements.items():
+            nbytes = high * per_image * self._dtype[name].itemsize
+            self._device[name] = session.device_buffer(nbytes)
+            self._host[name] = session.host_buffer(nbytes)
+            session.zero(self._device[name])
+            if not self._context.set_tensor_address(name, self._device[name].ptr):
+                raise DtkError(f"{self.plan_path}: TensorRT refused the address of tensor {name!r}")
+        session.synchronize()
+        self._batch: int | None = None
+
+    def _chain_buffers(self) -> UpdateKernel:
+        """x0_prev, noise and coefficient buffers, and the compiled update kernel, made on the first chain."""
+        if self._kernel is None:
+            session = self._session
+            nbytes = self.batch_range[1] * self._elements[self._sample] * 4
+            kernel = UpdateKernel(session)  # compiles first: NvrtcUnavailable leaves nothing half made
+            self._x0_prev = session.device_buffer(nbytes)
+            self._noise_device = session.device_buffer(nbytes)
+            self._noise_host = session.host_buffer(nbytes)
+            self._coeffs_device = session.device_buffer(4 * COEFF_SLOTS)
+            self._coeffs_host = session.host_buffer(4 * COEFF_SLOTS)
+            self._kernel = kernel
+        return self._kernel
+
+    def _set_batch(self, batch: int) -> None:
+        if batch == self._batch:
+            return
+        low, high = self.batch_range
+        if not low <= batch <= high:
+            raise DtkError(f"batch {batch} is outside this plan's batch range {low}..{high}")
+        C, Co, (H, W) = self.manifest.in_channels, self.manifest.out_channels, self.manifest.image_size
+        ok = self._context.set_input_shape(self._sample, (batch, C, H, W))
+        ok = self._context.set_input_shape(self._timestep, (batch,)) and ok
+        if not ok:
+            raise DtkError(
+                f"{self.plan_path}: TensorRT refused batch {batch}: {'; '.join(self._logger.errors)}"
+            )
+        out_shape = tuple(int(d) for d in self._context.get_tensor_shape(self._output))
+        if out_shape != (batch, Co, H, W):
+            raise file_error(
+                self.plan_path, f"outputs {out_shape} for batch {batch}, expected {(batch, Co, H, W)}"
+            )
+        self._drop_graphs()  # graphs hold the old shapes
+        self._batch = batch
+
+    def _drop_graphs(self) -> None:
+        for graph in self._graphs.values():
+            graph.destroy()
+        self._graphs = {}
+
+    # -- one evaluation --------------------------------------------------------------------------------------
+
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+        sample = self._check_sample(sample)
+        batch = sample.shape[0]
+        timestep = np.broadcast_to(np.asarray(timestep), (batch,))
+        self._session.activate()
+        self._set_batch(batch)
+        self._stage(self._sample, sample)
+        self._stage(self._timestep, timestep)
+        self._execute()
+        return self._fetch(self._output, batch)
+
+    def _check_sample(self, sample) -> np.ndarray:
+        self._check_open()
+        sample = np.asarray(sample)
+        C, (H, W) = self.manifest.in_channels, self.manifest.image_size
+        if sample.ndim != 4 or sample.shape[1:] != (C, H, W):
+            raise DtkError(f"sample has shape {sample.shape}, this plan takes [B, {C}, {H}, {W}]")
+        return sample
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DtkError(f"{self.plan_path}: the TensorRT denoiser is closed")
+
+    def _stage(self, name: str, array: np.ndarray) -> None:
+        """Host array → pinned staging → the tensor's device buffer (async on the stream)."""
+        view = self._host[name].array(self._dtype[name], array.size)
+        view[...] = np.asarray(array).reshape(-1)
+        self._session.upload(self._device[name], self._host[name], view.nbytes)
+
+    def _fetch(self, name: str, batch: int) -> np.ndarray:
+        """The tensor's first `batch` images: device → pinned → a new float32 host array (waits for it)."""
+        count = batch * self._elements[name]
+        self._session.download(self._host[name], self._device[name], count * self._dtype[name].itemsize)
+        self._session.synchronize()
+        channels = self.manifest.out_channels if name == self._output else self.manifest.in_channels
+        shape = (batch, channels, *self.manifest.image_size)
+        return self._host[name].array(self._dtype[name], count).reshape(shape).astype(np.float32)
+
+    def _execute(self) -> None:
+        if not self._context.execute_async_v3(self._session.stream_handle):
+            reason = "; ".join(self._logger.errors[-3:]) or "no reason given"
+            raise DtkError(f"{self.plan_path}: TensorRT failed to run the plan ({reason})")
+
+    # -- sampling on the device ------------------------------------------------------------------------------
+
+    def run_chain(self, plan, x: np.ndarray, noise, callback=None) -> np.ndarray:
+        """`sample_loop` with x kept on the GPU: per step the engine, then the update kernel, on one stream.
+
+        `noise(i)` is called (host generator, same order as on the CPU) for steps that need noise, one step
+        ahead so it overlaps the GPU's work. With a callback, x is copied back after every step for
+        `callback(i, t, x)`.
+        """
+        x = np.ascontiguousarray(self._check_sample(x), dtype=np.float32)
+        for name in (self._sample, self._output):
+            if self._dtype[name] != np.float32:
+                raise file_error(
+                    self.plan_path, f"tensor {name!r} is {self._dtype[name]}; run_chain needs float32 I/O"
+                )
+        session = self._session
+        session.activate()
+        try:
+            kernel = self._chain_buffers()
+        except NvrtcUnavailable as e:
+            warnings.warn(
+                f"{e}; applying the sampler update on the host instead", RuntimeWarning, stacklevel=2
+            )
+            from dtk.runtime.samplers import sample_loop
+
+            return sample_loop(self._denoise, x, plan, noise, callback)
+        batch, shape = x.shape[0], x.shape
+        count = x.size
+        self._set_batch(batch)
+        self._stage(self._sample, x)
+        session.zero(self._x0_prev, 4 * count)
+
+        coeffs = np.asarray(plan.coeffs, dtype=np.float64)
+        clip = float(plan.clip) if plan.clip else 0.0
+        needs_noise = np.asarray(plan.needs_noise, dtype=bool)
+        timesteps = np.asarray(plan.timesteps)
+        graph = self._step_graph(kernel, batch) if self.cuda_graph else None
+        pending = self._draw(noise, 0, shape) if len(timesteps) and needs_noise[0] else None
+        for i, t in enumerate(timesteps):
+            session.synchronize()  # the previous step has read the pinned staging buffers
+            self._host[self._timestep].array(self._dtype[self._timestep], batch)[:] = t
+            self._coeffs_host.array(np.float32)[:] = (*coeffs[i], clip)
+            if pending is not None:
+                self._noise_host.array(np.float32, count)[:] = pending.reshape(-1)
+            if graph is not None:
+                graph.launch()
+            else:
+                self._enqueue_step(kernel, batch, with_noise=pending is not None)
+            if callback is not None:
+                callback(i, int(t), self._fetch(self._sample, batch))
+            last = i + 1 == len(timesteps)
+            pending = self._draw(noise, i + 1, shape) if not last and needs_noise[i + 1] else None
+        return self._fetch(self._sample, batch)
+
+    def _enqueue_step(self, kernel: UpdateKernel, batch: int, with_noise: bool) -> None:
+        """One sampler step on the stream: the step's inputs from pinned memory, the engine, the update."""
+        session, count = self._session, batch * self._elements[self._sample]
+        timestep_bytes = batch * self._dtype[self._timestep].itemsize
+        session.upload(self._device[self._timestep], self._host[self._timestep], timestep_bytes)
+        session.upload(self._coeffs_device, self._coeffs_host, 4 * COEFF_SLOTS)
+        if with_noise:
+            session.upload(self._noise_device, self._noise_host, 4 * count)
+        self._execute()
+        kernel.launch(
+            x=self._device[self._sample],
+            x0_prev=self._x0_prev,
+            out=self._device[self._output],
+            noise=self._noise_device,
+            coeffs=self._coeffs_device,
+            n=count,
+        )
+
+    def _step_graph(self, kernel: UpdateKernel, batch: int):
+        if "step" not in self._graphs:
+            self._warm_up()
+            self._graphs["step"] = self._session.capture(
+                lambda: self._enqueue_step(kernel, batch, with_noise=True)
+            )
+        return self._graphs["step"]
+
+    def _warm_up(self) -> None:
+        """TensorRT finishes shape-dependent setup on the first enqueue after a shape change: keep it out of
+        a capture."""
+        self._execute()
+        self._session.synchronize()
+
+    @staticmethod
+    def _draw(noise, i: int, shape: tuple) -> np.ndarray:
+        drawn = np.asarray(noise(i), dtype=np.float32)
+        if drawn.shape != shape:
+            raise DtkError(f"noise({i}) has shape {drawn.shape}, the sample is {shape}")
+        return drawn
+
+    def _denoise(self, x: np.ndarray, t: int) -> np.ndarray:
+        return self(x, np.full(x.shape[0], t, dtype=self._dtype[self._timestep]))
+
+    # -- benchmarking ----------------------------------------------------------------------------------------
+
+    def device_call(self, batch: int | None = None):
+        """A function that runs the engine once on the resident buffers and waits (no host transfers)."""
+        self._check_open()
+        batch = batch or self._batch or self._opt_batch
+        session = self._session
+
+        def run() -> None:
+            session.activate()
+            self._set_batch(batch)
+            if self.cuda_graph:
+                if "engine" not in self._graphs:
+                    self._warm_up()
+                    self._graphs["engine"] = session.capture(self._execute)
+                self._graphs["engine"].launch()
+            else:
+                self._execute()
+            session.synchronize()
+
+        run()  # fail here, not inside the timing loop
+        return run
+
+    # -- teardown --------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the graphs, the TensorRT objects and every CUDA allocation; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._session is not None and not self._session.closed:
+                self._drop_graphs()
+        finally:
+            self._context = self._engine = self._runtime = None  # context before engine before runtime
+            self._kernel = None
+            if self._session is not None:
+                self._session.close()
