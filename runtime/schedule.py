@@ -113,6 +113,11 @@ def timesteps(
         ts = np.linspace(0, T - 1, n).round()[::-1]
     elif spacing == "leading":
         ts = (np.arange(0, n) * (T // n)).round()[::-1] + steps_offset
-    else:
-        ts = np.round(np.arange(T, 0, -T / n)) - 1
-    return ts.astype(np.int64).copy()
+    else:  # a float step can make arange yield n + 1 values (diffusers keeps the stray -1); keep n
+        ts = (np.round(np.arange(T, 0, -T / n)) - 1)[:n]
+    ts = ts.astype(np.int64).copy()
+    if ts.max() > T - 1:
+        raise DtkError(
+            f"steps_offset {steps_offset} pushes timestep {ts.max()} past the last trained one ({T - 1})"
+        )
+    return ts

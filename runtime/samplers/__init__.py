@@ -1,0 +1,7 @@
+"""Samplers as plans (timesteps + update coefficients) and the array-agnostic loop that runs them."""
+
+from dtk.runtime.samplers.loop import sample_loop
+from dtk.runtime.samplers.noise import NoiseSource
+from dtk.runtime.samplers.plan import SAMPLERS, SamplerPlan, make_plan, update
+
+__all__ = ["SAMPLERS", "NoiseSource", "SamplerPlan", "make_plan", "sample_loop", "update"]

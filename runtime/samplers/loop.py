@@ -1,0 +1,35 @@
+"""The sampling loop: network call, then the plan's update, step after step — on any array type."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from dtk.runtime.samplers.plan import SamplerPlan, update
+
+
+def sample_loop(
+    denoise: Callable, x, plan: SamplerPlan, noise: Callable | None, callback: Callable | None = None
+):
+    """Run `plan` from the initial latents `x` and return the final sample.
+
+    denoise(x, t) → model output for the whole batch at integer timestep t (the caller broadcasts t);
+    noise(i) → fresh standard normal noise like x, called only for steps with plan.needs_noise[i];
+    callback(i, t, x) after each step."""
+    needs_noise = plan.needs_noise
+    if noise is None and needs_noise.any():
+        raise ValueError(f"{plan.name} adds noise on {int(needs_noise.sum())} steps: pass a noise source")
+    x0_prev = _zeros_like(x)
+    for i, t in enumerate(plan.timesteps.tolist()):
+        out = denoise(x, t)
+        x, x0_prev = update(plan.coeffs[i], x, out, x0_prev, noise(i) if needs_noise[i] else None, plan.clip)
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+def _zeros_like(x):
+    if hasattr(x, "new_zeros"):  # torch
+        return x.new_zeros(x.shape)
+    if hasattr(x, "__array_namespace__"):  # numpy >= 2, cupy
+        return x.__array_namespace__().zeros_like(x)
+    return x * 0
