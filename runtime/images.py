@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+
 from dtk.runtime.errors import DtkError, file_error
 from dtk.runtime.files import atomic_path
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from dtk.runtime.errors import DtkError, file_error
 from dtk.runtime.files import write_text
 from dtk.runtime.schedule import DiffusionConfig

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
 from dtk.runtime.errors import DtkError
 
 BETA_SCHEDULES = ("linear", "cosine", "scaled_linear")

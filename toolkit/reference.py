@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from dtk.runtime.backends.base import DenoiserBase
 from dtk.runtime.samplers import NoiseSource, make_plan, sample_loop
 

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
 from dtk.runtime.backends.base import DenoiserBase
 from dtk.runtime.backends.cuda import (
     COEFF_SLOTS,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from dtk.runtime.errors import DtkError
 from dtk.runtime.samplers.plan import SamplerPlan, ddpm_timesteps, eps_coefficients, x0_coefficients
 from dtk.runtime.schedule import DiffusionConfig

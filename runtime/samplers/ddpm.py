@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from dtk.runtime.samplers.plan import SamplerPlan, ddpm_timesteps, x0_coefficients
 from dtk.runtime.schedule import DiffusionConfig
 

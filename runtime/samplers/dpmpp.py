@@ -8,6 +8,7 @@ on the last, which lands on σ = 0 (x = x0); second order in between. Like diffu
 from __future__ import annotations
 
 import numpy as np
+
 from dtk.runtime.samplers.plan import SamplerPlan, check_steps, check_timesteps, x0_coefficients
 from dtk.runtime.schedule import DiffusionConfig
 

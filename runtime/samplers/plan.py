@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from dtk.runtime.errors import DtkError
 from dtk.runtime.schedule import DiffusionConfig, timesteps
 

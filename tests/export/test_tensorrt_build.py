@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from dtk.runtime.errors import DtkError
 from dtk.runtime.files import sha256
 from dtk.runtime.manifest import load_manifest
@@ -333,6 +334,7 @@ def test_real_engine_matches_onnxruntime(tiny_bundle, tmp_path):
     import shutil
 
     import onnxruntime as ort
+
     from dtk.export.tensorrt import EngineOptions, build_engine
     from dtk.runtime.backends.tensorrt import TensorRTDenoiser
     from dtk.runtime.samplers import NoiseSource, make_plan, sample_loop

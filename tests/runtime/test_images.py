@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from dtk.runtime.errors import DtkError
 from dtk.runtime.images import make_grid, save_grid, save_images, to_uint8
-from PIL import Image
 
 
 def _read(path) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from dtk.runtime.samplers import NoiseSource, make_plan, sample_loop
 from dtk.runtime.schedule import DiffusionConfig
 

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from dtk.runtime.errors import DtkError
 from dtk.runtime.samplers import SAMPLERS, NoiseSource, SamplerPlan, make_plan, sample_loop, update
 from dtk.runtime.schedule import DiffusionConfig

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from dtk.runtime.samplers import SAMPLERS, NoiseSource, SamplerPlan, make_plan, sample_loop
 from dtk.runtime.samplers.ddim import ddim_plan
 from dtk.runtime.schedule import DiffusionConfig

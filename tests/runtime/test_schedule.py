@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from dtk.runtime.errors import DtkError
 from dtk.runtime.schedule import DiffusionConfig, alphas_cumprod, cosine_betas, make_betas, timesteps
 

@@ -7,6 +7,7 @@ import json
 import sys
 
 import pytest
+
 from dtk.runtime.errors import DtkError
 from dtk.runtime.sidecar import (
     PlanSidecar,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from dtk.runtime.errors import DtkError
 from dtk.runtime.manifest import load_manifest
 from dtk.runtime.samplers import SamplerPlan, sample_loop

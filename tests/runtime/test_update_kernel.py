@@ -16,6 +16,7 @@ import subprocess
 
 import numpy as np
 import pytest
+
 from dtk.runtime.backends.cuda import UPDATE_KERNEL_NAME, UPDATE_KERNEL_SOURCE
 from dtk.runtime.errors import DtkError
 from dtk.runtime.samplers import update

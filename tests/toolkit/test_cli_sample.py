@@ -8,8 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from dtk.cli import main
 from PIL import Image
+
+from dtk.cli import main
 
 
 @pytest.fixture(autouse=True)

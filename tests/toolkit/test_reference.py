@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from dtk.runtime.errors import DtkError
 from dtk.runtime.samplers import NoiseSource, make_plan, sample_loop
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
+
 from dtk.runtime.errors import DtkError, file_error
 from dtk.runtime.samplers import SAMPLERS
 
