@@ -1,0 +1,397 @@
+"""The runtime's footprint on ONNX Runtime CPU: import time, peak RSS, loop overhead, and a 2,000-sample soak.
+
+Each measurement runs in a process of its own (this script started again with `--child`), so nothing one of
+them loads or allocates leaks into another. Targets (issue 4): `import dtk.runtime` < 0.5 s, peak RSS of
+sampling the tiny bundle without torch < 150 MB, loop overhead < 5 %, RSS flat after warm-up over the soak.
+
+    python benchmarks/footprint.py                      # builds the tiny 1x16x16 bundle, measures, writes
+    python benchmarks/footprint.py --bundle demo/bundle --soak-samples 500
+
+Writes benchmarks/results/footprint-<machine>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = {"import_s": 0.5, "peak_rss_mb": 150.0, "overhead_pct": 5.0, "soak_growth_mb": 1.0}
+SAMPLERS = ("ddim", "ddpm", "dpmpp-2m")
+
+# Children that must prove "without torch" install this finder first.
+REFUSE_TORCH = """
+import sys
+class _Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "onnx") or name.startswith("dtk.export"):
+            raise ImportError(name + " is refused in this measurement")
+sys.meta_path.insert(0, _Refuse())
+"""
+IMPORT_TIMER = """
+import time
+start = time.perf_counter()
+{statement}
+print(time.perf_counter() - start)
+"""
+IMPORTS = {
+    "dtk.runtime": "import dtk.runtime",
+    "dtk.runtime + Pipeline + ONNX Runtime backend": (
+        "import dtk.runtime, dtk.runtime.pipeline, dtk.runtime.samplers, dtk.runtime.backends.onnxruntime"
+    ),
+    "onnxruntime (for scale)": "import onnxruntime",
+}
+
+
+def child(args: list[str]) -> str:
+    return subprocess.run(
+        [sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True, check=True
+    ).stdout
+
+
+# --- what runs in the children ---
+
+
+def rss_mb() -> float:
+    """Resident set size now (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child_peak_rss(bundle: str, threads: int) -> dict:
+    exec(REFUSE_TORCH, {})
+    import resource
+
+    start_mb = rss_mb()
+    from dtk.runtime import Pipeline
+
+    with Pipeline.load(bundle, backend="onnxruntime", threads=threads) as pipe:
+        pipe.sample(num=16, steps=50, sampler="ddim", seed=0)
+    return {
+        "start_mb": start_mb,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "torch_loaded": any(m.split(".")[0] == "torch" for m in sys.modules),
+        "workload": "load + sample 16 images, 50 ddim steps",
+    }
+
+
+class FreeDenoiser:
+    """A denoiser that costs nothing (returns zeros): sampling with it times the runtime's loop alone."""
+
+    name = "free"
+
+    def __init__(self, batch_range):
+        self.batch_range = batch_range
+
+    def __call__(self, sample, timestep):
+        import numpy as np
+
+        return np.zeros_like(sample)
+
+    def close(self):
+        pass
+
+
+def child_overhead(bundle: str, threads: int, rounds: int) -> dict:
+    """Per round, interleaved: 50 bare denoiser calls, then a 50-step `Pipeline.sample` of the same batch.
+    Also the loop's own cost per step, hot, with a denoiser that costs nothing."""
+    import numpy as np
+
+    from dtk.runtime import Pipeline
+
+    steps, results = 50, {}
+    with Pipeline.load(bundle, backend="onnxruntime", threads=threads) as pipe:
+        free = Pipeline(pipe.manifest, FreeDenoiser(pipe.denoiser.batch_range))
+        denoiser = pipe.denoiser
+        x = np.random.default_rng(0).standard_normal((1, *pipe.sample_shape), dtype=np.float32)
+        t = np.full(1, 500, dtype=np.float32)
+        for sampler in SAMPLERS:
+            pipe.sample(num=1, steps=steps, sampler=sampler, seed=0)  # warm-up
+            bare, sampled, loop_only = [], [], []
+            for r in range(rounds):
+                start = time.perf_counter()
+                for _ in range(steps):
+                    denoiser(x, t)
+                middle = time.perf_counter()
+                pipe.sample(num=1, steps=steps, sampler=sampler, seed=r)
+                end = time.perf_counter()
+                free.sample(num=1, steps=steps, sampler=sampler, seed=r)
+                bare.append(middle - start)
+                sampled.append(end - middle)
+                loop_only.append(time.perf_counter() - end)
+            ratios = [s / b - 1 for s, b in zip(sampled, bare, strict=True)]
+            results[sampler] = {
+                "bare_ms": statistics.median(bare) * 1000,
+                "sample_ms": statistics.median(sampled) * 1000,
+                "overhead_pct": statistics.median(ratios) * 100,
+                "overhead_of_minima_pct": (min(sampled) / min(bare) - 1) * 100,
+                "loop_us_per_step": min(loop_only) / steps * 1e6,
+            }
+    return {"steps": steps, "batch": 1, "rounds": rounds, "samplers": results}
+
+
+def child_soak(bundle: str, threads: int, samples: int, steps: int, every: int) -> dict:
+    from dtk.runtime import Pipeline
+
+    series = []
+    start = time.perf_counter()
+    with Pipeline.load(bundle, backend="onnxruntime", threads=threads) as pipe:
+        for i in range(samples):
+            pipe.sample(num=1, steps=steps, sampler=SAMPLERS[i % len(SAMPLERS)], seed=i)
+            if i % every == 0 or i == samples - 1:
+                series.append((i + 1, time.perf_counter() - start, rss_mb()))
+    return {"samples": samples, "steps": steps, "series": series}
+
+
+# --- the parent: build, measure, summarise, write ---
+
+
+def build_tiny_bundle(out: Path) -> Path:
+    """The test suite's tiny model: a random `tiny` U-Net on 1x16x16, exported with batch range 1..4."""
+    code = f"""
+import torch
+from dtk.checkpoint import Checkpoint, save_checkpoint
+from dtk.export.bundle import ExportOptions, export_bundle
+from dtk.runtime.schedule import DiffusionConfig
+from dtk.unet import UNet, UNetConfig
+torch.manual_seed(0)
+config = UNetConfig.preset("tiny", image_size=16, in_channels=1, out_channels=1)
+model = UNet(config)
+with torch.no_grad():
+    for p in model.parameters():
+        if not p.any():
+            p.normal_(0.0, 0.02)
+state = model.state_dict()
+ckpt = Checkpoint(model_config=config, diffusion=DiffusionConfig(), model_state=state, ema_state=state,
+                  step=0, train_state=None)
+save_checkpoint({str(out / "model.pt")!r}, ckpt)
+export_bundle({str(out / "model.pt")!r}, {str(out / "bundle")!r}, ExportOptions(batch=(1, 2, 4)))
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return out / "bundle"
+
+
+def measure_imports(repeats: int) -> dict:
+    results = {}
+    for label, statement in IMPORTS.items():
+        times = [
+            float(
+                subprocess.run(
+                    [sys.executable, "-c", IMPORT_TIMER.format(statement=statement)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+            )
+            for _ in range(repeats)
+        ]
+        results[label] = {"median_s": statistics.median(times), "min_s": min(times), "runs": repeats}
+    return results
+
+
+def summarise_soak(soak: dict, warmup_fraction: float = 0.25) -> dict:
+    """RSS growth after warm-up (the first quarter: allocators settle in steps): last value against the first
+    recorded after warm-up, the least-squares slope over that stretch, and the largest single step."""
+    import numpy as np
+
+    series = np.asarray(soak["series"], dtype=np.float64)
+    after = series[series[:, 0] >= warmup_fraction * soak["samples"]]
+    slope = np.polyfit(after[:, 0], after[:, 2], 1)[0] * 1000 if len(after) > 1 else 0.0
+    steps = np.diff(series[:, 2])
+    largest = int(np.argmax(steps)) if len(steps) else 0
+    return {
+        "warmup_samples": int(after[0, 0]),
+        "rss_start_mb": float(series[0, 2]),
+        "rss_after_warmup_mb": float(after[0, 2]),
+        "rss_end_mb": float(series[-1, 2]),
+        "rss_max_mb": float(series[:, 2].max()),
+        "growth_after_warmup_mb": float(series[-1, 2] - after[0, 2]),
+        "slope_mb_per_1000": float(slope),
+        "largest_step_mb": float(steps[largest]) if len(steps) else 0.0,
+        "largest_step_at_sample": int(series[largest + 1, 0]) if len(steps) else 0,
+        "seconds": float(series[-1, 1]),
+        "ms_per_sample": float(series[-1, 1] / soak["samples"] * 1000),
+    }
+
+
+def report(record: dict) -> str:
+    m, imports, rss, over, soak = (record[k] for k in ("machine", "imports", "peak_rss", "overhead", "soak"))
+    load = record["load_average_1min"]
+    worst = max(over["samplers"].items(), key=lambda kv: kv[1]["overhead_pct"])
+    rows = [
+        (
+            "`import dtk.runtime`",
+            f"{imports['dtk.runtime']['median_s'] * 1000:.0f} ms (median of "
+            f"{imports['dtk.runtime']['runs']})",
+            "< 0.5 s",
+            record["met"]["import"],
+        ),
+        (
+            "peak RSS, sampling without torch",
+            f"{rss['peak_mb']:.1f} MB ({rss['workload']})",
+            "< 150 MB",
+            record["met"]["peak_rss"],
+        ),
+        (
+            "loop overhead, worst sampler",
+            f"{worst[1]['overhead_pct']:+.1f} % ({worst[0]})",
+            "< 5 %",
+            record["met"]["overhead"],
+        ),
+        (
+            "soak RSS growth after warm-up",
+            f"{soak['growth_after_warmup_mb']:+.2f} MB over "
+            f"{record['soak_raw']['samples'] - soak['warmup_samples']} samples",
+            "< 1 MB (flat)",
+            record["met"]["soak"],
+        ),
+    ]
+    lines = [
+        f"# Runtime footprint — {record['name']}",
+        "",
+        f"Machine: {m['cpu']['model']}, {m['cpu']['usable_cores']} usable cores, Python {m['python']}, "
+        f"onnxruntime {m['versions']['onnxruntime']}, numpy {m['versions']['numpy']} ({record['date']}).",
+        f"Bundle: {record['bundle']}; ONNX Runtime CPU provider, {record['threads']} intra-op threads.",
+        f"1-minute load average (a shared machine): {load['before']:.1f} before, {load['after']:.1f} after.",
+        "",
+        "| measure | result | target | met |",
+        "| --- | --- | --- | --- |",
+        *(f"| {a} | {b} | {c} | {'yes' if d else 'NO'} |" for a, b, c, d in rows),
+        "",
+        f"Loop overhead: median over {over['rounds']} interleaved rounds of (50-step `Pipeline.sample`, "
+        "batch 1) / (50 bare denoiser calls) − 1; it includes the plan, the host noise, the updates and "
+        "the uint8 conversion.",
+        "",
+        "Overhead of minima: fastest sample / fastest 50 bare calls − 1 (least disturbed by other work). "
+        "Loop alone: the same sampling with a denoiser that costs nothing, hot, per step.",
+        "",
+        "| sampler | 50 bare calls | 50-step sample | overhead | overhead of minima | loop alone |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *(
+            f"| {s} | {v['bare_ms']:.1f} ms | {v['sample_ms']:.1f} ms | {v['overhead_pct']:+.1f} % "
+            f"| {v['overhead_of_minima_pct']:+.1f} % | {v['loop_us_per_step']:.1f} µs/step |"
+            for s, v in over["samplers"].items()
+        ),
+        "",
+        "Imports (fresh interpreter each, time of the import statement only):",
+        "",
+        *(
+            f"- {label}: {v['median_s'] * 1000:.0f} ms median, {v['min_s'] * 1000:.0f} ms min"
+            for label, v in imports.items()
+        ),
+        "",
+        f"Soak: {record['soak_raw']['samples']} samples of {record['soak_raw']['steps']} steps in one "
+        f"process (samplers in turn), {soak['ms_per_sample']:.1f} ms each; RSS {soak['rss_start_mb']:.1f} MB "
+        f"after the first sample, {soak['rss_after_warmup_mb']:.1f} MB after "
+        f"{soak['warmup_samples']} samples, {soak['rss_end_mb']:.1f} MB at the end, slope "
+        f"{soak['slope_mb_per_1000']:+.3f} MB per 1,000 samples after warm-up; largest single step "
+        f"{soak['largest_step_mb']:+.2f} MB (by sample {soak['largest_step_at_sample']}). "
+        f"Plot: `{record['plot']}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = record["soak_raw"]["series"]
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=120)
+    ax.plot([s[0] for s in series], [s[2] for s in series], lw=1.2)
+    ax.axvline(record["soak"]["warmup_samples"], color="grey", ls="--", lw=0.8, label="end of warm-up")
+    ax.set_xlabel("samples")
+    ax.set_ylabel("RSS (MB)")
+    low = min(s[2] for s in series)
+    ax.set_ylim(low - 5, max(s[2] for s in series) + 5)
+    m = record["machine"]
+    ax.set_title(
+        f"dtk.runtime soak, ONNX Runtime CPU — {m['cpu']['model']}, {m['cpu']['usable_cores']} cores, "
+        f"Python {m['python']}, onnxruntime {m['versions']['onnxruntime']}",
+        fontsize=7,
+    )
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    from dtk.runtime.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, help="bundle to measure (default: build the tiny one)")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--import-repeats", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved overhead rounds per sampler")
+    parser.add_argument("--soak-samples", type=int, default=2000)
+    parser.add_argument("--soak-steps", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    from dtk.runtime.bench import machine_name, system_info
+    from dtk.runtime.files import write_text
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = args.bundle or build_tiny_bundle(Path(tmp))
+        load_before = os.getloadavg()
+        print("imports ...", file=sys.stderr)
+        imports = measure_imports(args.import_repeats)
+        print("peak RSS ...", file=sys.stderr)
+        peak = json.loads(child(["peak_rss", bundle, args.threads]))
+        print("loop overhead ...", file=sys.stderr)
+        overhead = json.loads(child(["overhead", bundle, args.threads, args.rounds]))
+        print(f"soak ({args.soak_samples} samples) ...", file=sys.stderr)
+        soak_raw = json.loads(child(["soak", bundle, args.threads, args.soak_samples, args.soak_steps, 10]))
+        load_after = os.getloadavg()
+
+    machine = system_info()
+    name = machine_name(machine)
+    soak = summarise_soak(soak_raw)
+    worst = max(v["overhead_pct"] for v in overhead["samplers"].values())
+    record = {
+        "name": name,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine,
+        "bundle": "tiny 1x16x16 U-Net, batch 1..4, fp32" if args.bundle is None else str(args.bundle),
+        "threads": args.threads,
+        "load_average_1min": {"before": load_before[0], "after": load_after[0]},
+        "targets": TARGETS,
+        "imports": imports,
+        "peak_rss": peak,
+        "overhead": overhead,
+        "soak": soak,
+        "soak_raw": soak_raw,
+        "plot": f"footprint-{name}.png",
+        "met": {
+            "import": imports["dtk.runtime"]["median_s"] < TARGETS["import_s"],
+            "peak_rss": peak["peak_mb"] < TARGETS["peak_rss_mb"] and not peak["torch_loaded"],
+            "overhead": worst < TARGETS["overhead_pct"],
+            "soak": soak["growth_after_warmup_mb"] < TARGETS["soak_growth_mb"],
+        },
+    }
+    out = args.out
+    write_text(out / f"footprint-{name}.json", json.dumps(record, indent=1) + "\n")
+    write_text(out / f"footprint-{name}.md", report(record))
+    plot(record, out / f"footprint-{name}.png")
+    print(report(record))
+
+
+CHILDREN = {"peak_rss": child_peak_rss, "overhead": child_overhead, "soak": child_soak}
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        name, values = sys.argv[2], [int(v) if v.isdigit() else v for v in sys.argv[3:]]
+        print(json.dumps(CHILDREN[name](*values)))
+    else:
+        main()

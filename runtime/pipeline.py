@@ -1,0 +1,210 @@
+"""`Pipeline`: a bundle, an .onnx or a .plan → uint8 images, on TensorRT or ONNX Runtime, without torch.
+
+    with Pipeline.load("bundle/") as pipe:
+        images = pipe.sample(num=16, steps=50, sampler="ddim", seed=0)   # uint8 [16, H, W, C]
+
+Images are sampled in chunks of at most the model's batch. Each image draws its noise from its own
+generator (`NoiseSource(seed, first_index=k)` for the chunk starting at image k), so chunking never changes
+an image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dtk.runtime.errors import DtkError, file_error
+from dtk.runtime.manifest import Manifest, resolve_bundle
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+class Pipeline:
+    """A bundle's manifest and a denoiser on it → images. `Pipeline.load` opens both from files; a custom
+    denoiser (anything with the Denoiser protocol, optionally `run_chain`) can be passed in directly."""
+
+    def __init__(self, manifest: Manifest, denoiser, bundle_dir: Path | None = None):
+        if manifest.out_channels != manifest.in_channels:
+            raise DtkError(
+                f"{bundle_dir}: the model predicts {manifest.out_channels} channels for "
+                f"{manifest.in_channels} input channels; samplers need one prediction per input channel"
+            )
+        self.manifest = manifest
+        self.denoiser = denoiser
+        self.bundle_dir = bundle_dir
+        self._plans = {}  # (sampler, steps, eta) → SamplerPlan: an app sampling in a loop plans once
+
+    @classmethod
+    def load(cls, path, backend: str = "auto", **opts) -> Pipeline:
+        """Open a bundle directory, or an .onnx / .plan with dtk.json beside it, on `choose_backend`'s choice.
+
+        `opts` go to the backend: OnnxRuntimeDenoiser(providers, threads, device_id, io_binding) or
+        TensorRTDenoiser(device, cuda_graph)."""
+        backend, model_path, bundle_dir, manifest = choose_backend(path, backend)
+        if backend == "tensorrt":
+            from dtk.runtime.backends.tensorrt import TensorRTDenoiser
+
+            denoiser = TensorRTDenoiser(model_path, manifest, **opts)
+        else:
+            from dtk.runtime.backends.onnxruntime import OnnxRuntimeDenoiser
+
+            denoiser = OnnxRuntimeDenoiser(model_path, manifest, **opts)
+        return cls(manifest, denoiser, bundle_dir)
+
+    @property
+    def backend(self) -> str:
+        return self.denoiser.name
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        return (self.manifest.in_channels, *self.manifest.image_size)
+
+    def chunks(self, num: int, batch_size: int | None = None) -> list[tuple[int, int, int]]:
+        """(first image, images kept, batch run) per chunk; a run is padded up to the model's min batch."""
+        if num < 1:
+            raise DtkError(f"num must be at least 1, got {num}")
+        low, high = self.denoiser.batch_range
+        size = min(high, self.manifest.batch["max"]) if batch_size is None else batch_size
+        if not low <= size <= high:
+            hint = f"exactly {low}" if low == high else f"{low}..{high}"
+            raise DtkError(f"batch size {size} is outside the model's batch range ({hint})")
+        return [(k, min(size, num - k), max(min(size, num - k), low)) for k in range(0, num, size)]
+
+    def sample_latents(
+        self,
+        num: int = 1,
+        steps: int = 50,
+        sampler: str = "ddim",
+        seed: int = 0,
+        eta: float = 0.0,
+        callback=None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """float32 [num, C, H, W] in the model's data range. `callback(done, total)` after every denoising
+        step, counted over all chunks; `progress` shows a tqdm bar on stderr."""
+        from dtk.runtime.samplers import NoiseSource, sample_loop
+
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise DtkError(f"seed must be a non-negative integer, got {seed!r}")
+        plan = self.plan(sampler, steps, eta)
+        chunks = self.chunks(num, batch_size)
+        total = len(chunks) * plan.steps
+        bar = _progress_bar(total, sampler) if progress else None
+        done = 0
+
+        def on_step(i, t, x):
+            nonlocal done
+            done += 1
+            if bar is not None:
+                bar.update(1)
+            if callback is not None:
+                callback(done, total)
+
+        # without a listener no step callback at all: a device chain would copy x back for it
+        step_callback = on_step if callback is not None or bar is not None else None
+        run_chain = getattr(self.denoiser, "run_chain", None)
+        images = []
+        try:
+            for first, keep, run in chunks:
+                source = NoiseSource(seed, first_index=first)
+                x = source.initial(run, self.sample_shape)
+
+                def noise(i, source=source, run=run):
+                    return source.step(run, self.sample_shape)
+
+                if run_chain is not None:
+                    x = run_chain(plan, x, noise, step_callback)
+                else:
+                    x = sample_loop(self._denoise, x, plan, noise, step_callback)
+                images.append(np.asarray(x, dtype=np.float32)[:keep])
+        finally:
+            if bar is not None:
+                bar.close()
+        return np.concatenate(images)
+
+    def plan(self, sampler: str, steps: int, eta: float = 0.0):
+        """The sampler's plan on this bundle's schedule, made once per (sampler, steps, eta)."""
+        from dtk.runtime.samplers import make_plan
+
+        key = (sampler, steps, eta)
+        if key not in self._plans:
+            self._plans[key] = make_plan(sampler, self.manifest.diffusion, steps, eta=eta)
+        return self._plans[key]
+
+    def _denoise(self, x: np.ndarray, t: int) -> np.ndarray:
+        return self.denoiser(x, np.full(x.shape[0], t, dtype=self.manifest.inputs[1].dtype))
+
+    def sample(
+        self,
+        num: int = 1,
+        steps: int = 50,
+        sampler: str = "ddim",
+        seed: int = 0,
+        eta: float = 0.0,
+        callback=None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """uint8 images [num, H, W, C]; the arguments are those of `sample_latents`."""
+        from dtk.runtime.images import to_uint8
+
+        return to_uint8(self.sample_latents(num, steps, sampler, seed, eta, callback, batch_size, progress))
+
+    def close(self) -> None:
+        self.denoiser.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def choose_backend(path, backend: str = "auto") -> tuple[str, Path, Path, Manifest]:
+    """→ (backend, model file, bundle dir, manifest) for a bundle directory, an .onnx or a .plan.
+
+    "auto" takes TensorRT for a .plan, and for a bundle whose plan exists when TensorRT and a GPU are usable;
+    ONNX Runtime otherwise."""
+    if backend not in BACKENDS:
+        raise DtkError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    path = Path(path)
+    if path.is_file() and path.suffix not in (".onnx", ".plan"):
+        raise file_error(path, "not a bundle directory, .onnx or .plan")
+    bundle_dir, manifest = resolve_bundle(path)
+    if path.suffix in (".onnx", ".plan"):
+        onnx_path, plan_path = (path, None) if path.suffix == ".onnx" else (None, path)
+    else:
+        onnx_path = bundle_dir / manifest.onnx
+        onnx_path = onnx_path if onnx_path.is_file() else None
+        plan_path = bundle_dir / manifest.plan if manifest.plan else None
+        plan_path = plan_path if plan_path is not None and plan_path.is_file() else None
+    if backend == "auto":
+        use_plan = plan_path is not None and (onnx_path is None or tensorrt_usable())
+        backend = "tensorrt" if use_plan else "onnxruntime"
+    if backend == "tensorrt" and plan_path is None:
+        raise file_error(path, "has no TensorRT plan; build one with `dtk build-engine BUNDLE`")
+    if backend == "onnxruntime" and onnx_path is None:
+        what = "is a TensorRT plan" if path.suffix == ".plan" else f"has no {manifest.onnx}"
+        raise file_error(path, f"{what}; the onnxruntime backend needs the bundle's ONNX file")
+    return backend, (plan_path if backend == "tensorrt" else onnx_path), bundle_dir, manifest
+
+
+def tensorrt_usable() -> bool:
+    """TensorRT imports and cuda-python sees at least one GPU."""
+    try:
+        import tensorrt  # noqa: F401
+        from cuda.bindings import runtime
+
+        error, count = runtime.cudaGetDeviceCount()
+        return error == runtime.cudaError_t.cudaSuccess and count > 0
+    except Exception:  # not installed, no driver, a broken install: all mean "not usable here"
+        return False
+
+
+def _progress_bar(total: int, sampler: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"sampling ({sampler})", unit="step", leave=False)

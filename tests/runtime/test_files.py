@@ -1,0 +1,50 @@
+"""Atomic writes: nothing half-written survives a failure, and finished files look like ordinary files."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from dtk.runtime.files import atomic_dir, atomic_path, sha256, write_text
+
+
+def test_atomic_path_renames_on_success_with_usual_permissions(tmp_path):
+    target = tmp_path / "sub" / "grid.png"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target
+        tmp.write_bytes(b"png")
+    assert target.read_bytes() == b"png"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+    assert list(target.parent.iterdir()) == [target]
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "model.pt"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_replaces_old_bundle_only_on_success(tmp_path):
+    bundle = tmp_path / "bundle"
+    with atomic_dir(bundle) as tmp:
+        write_text(tmp / "dtk.json", "old")
+    with pytest.raises(RuntimeError), atomic_dir(bundle) as tmp:
+        write_text(tmp / "dtk.json", "new")
+        raise RuntimeError("parity failed")
+    assert (bundle / "dtk.json").read_text() == "old"
+    with atomic_dir(bundle) as tmp:
+        write_text(tmp / "dtk.json", "new")
+    assert (bundle / "dtk.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_sha256_pins_a_known_digest(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"abc")
+    assert sha256(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
