@@ -1,0 +1,278 @@
+"""`export_bundle`: checkpoint or diffusers folder → verified bundle (unet.onnx + dtk.json), atomically.
+
+The bundle is assembled in a temporary directory beside `out_dir` and renamed into place only after the graph
+passed onnx.checker and the parity check, so a failed or interrupted export leaves nothing that looks valid.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dtk.runtime.errors import DtkError, file_error
+from dtk.runtime.files import atomic_dir, sha256
+from dtk.runtime.manifest import MANIFEST_NAME, ONNX_NAME, PRECISIONS, Manifest, TensorSpec, load_manifest
+
+ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}
+
+
+@dataclass
+class ExportOptions:
+    """Every `dtk export` setting; CLI flags map to these fields one to one."""
+
+    opset: int = 18
+    batch: tuple | int = (1, 8, 16)  # (min, opt, max) for a dynamic batch, or N for a fixed one
+    precision: str = "fp32"  # "fp32" or "fp16" (fp16 compute, fp32 I/O; see dtk.export.fp16)
+    verify: bool = True  # parity check against PyTorch; a failure fails the export
+    simplify: bool = True  # onnxslim constant folding and simplification
+    atol: float | None = None  # None: the precision's default in dtk.export.parity.TOLERANCES
+    rtol: float | None = None
+    chain_atol: float | None = None
+    chain_steps: int = 20  # DDIM steps of the end-to-end parity chain; 0 skips the chain
+    seed: int = 0  # parity inputs and chain noise
+    weights: str = "ema"  # checkpoint weights: "ema" or "raw"
+    external_data: bool | None = None  # weights in unet.onnx.data; None: only when they exceed 2 GB
+    exporter: str = "dynamo"  # torch.onnx exporter: "dynamo" or "torchscript"
+
+    def check(self) -> None:
+        """Refuse bad settings before any work is done."""
+        from dtk.export.onnx_export import EXPORTERS, MIN_OPSET, normalize_batch
+        from dtk.export.source import WEIGHTS
+
+        if self.precision not in PRECISIONS:
+            raise DtkError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.opset < MIN_OPSET:
+            raise DtkError(f"opset {self.opset} is too old; dtk exports opset {MIN_OPSET} or newer")
+        if self.exporter not in EXPORTERS:
+            raise DtkError(f"unknown exporter {self.exporter!r}; choose one of {', '.join(EXPORTERS)}")
+        if self.weights not in WEIGHTS:
+            raise DtkError(f"unknown weights {self.weights!r}; choose one of {', '.join(WEIGHTS)}")
+        normalize_batch(self.batch)
+        if self.chain_steps < 0:
+            raise DtkError(f"chain_steps must be 0 or more, got {self.chain_steps}")
+        for name in ("atol", "rtol", "chain_atol"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise DtkError(f"{name} must be non-negative, got {value}")
+
+    def tolerance(self):
+        from dtk.export.parity import TOLERANCES, Tolerance
+
+        default = TOLERANCES[self.precision]
+        return Tolerance(
+            atol=default.atol if self.atol is None else self.atol,
+            rtol=default.rtol if self.rtol is None else self.rtol,
+            chain_atol=default.chain_atol if self.chain_atol is None else self.chain_atol,
+        )
+
+
+def export_bundle(
+    source_path,
+    out_dir,
+    options: ExportOptions | None = None,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> Manifest:
+    """Export `source_path` (a dtk checkpoint or a diffusers UNet2DModel folder) to the bundle `out_dir`.
+
+    Warnings go to `log` (default: stderr), also when `progress` is off.
+
+    Raises DtkError for bad input, ParityError (a DtkError with `.report`) when verification fails."""
+    from dtk.export.onnx_export import TIMESTEP_DOC, export_onnx, normalize_batch
+    from dtk.export.parity import skipped, verify
+    from dtk.export.source import load_source
+
+    options = options or ExportOptions()
+    options.check()
+    log = log or _stderr
+    out_dir = Path(out_dir)
+    _check_target(out_dir)
+    batch = normalize_batch(options.batch)
+    start = time.perf_counter()
+
+    with _Stages(progress) as stages:
+        stages.next("loading the model")
+        source = load_source(source_path, options.weights)
+        for warning in source.warnings:
+            log(f"warning: {warning}")
+        fp16_report, convert = _converter(options.precision)
+
+        with atomic_dir(out_dir) as tmp:
+            onnx_path = tmp / ONNX_NAME
+            stages.next(f"exporting ONNX (opset {options.opset}, {options.precision})")
+            result = export_onnx(
+                source.module,
+                source.sample_shape,
+                onnx_path,
+                opset=options.opset,
+                batch=batch,
+                simplify=options.simplify,
+                external_data=options.external_data,
+                exporter=options.exporter,
+                convert=convert,
+            )
+            for note in result.notes:
+                log(f"warning: {note}")
+
+            if options.verify:
+                stages.next("checking parity with PyTorch")
+                parity = verify(
+                    onnx_path,
+                    source.module,
+                    source.diffusion,
+                    source.sample_shape,
+                    batch,
+                    options.precision,
+                    tolerance=options.tolerance(),
+                    chain_steps=options.chain_steps,
+                    seed=options.seed,
+                    progress=progress,
+                ).to_dict()
+            else:
+                log("warning: parity check skipped (--no-verify): this bundle was not compared with PyTorch")
+                parity = skipped("--no-verify")
+
+            stages.next("writing the manifest")
+            export_info = {
+                **_versions(options.exporter),
+                **result.to_dict(),
+                "timestep": TIMESTEP_DOC,
+                "options": _jsonable(asdict(options)),
+                **_file_hashes(onnx_path),
+                "warnings": source.warnings + result.notes,
+                "seconds": round(time.perf_counter() - start, 2),
+            }
+            if fp16_report is not None:
+                export_info["fp16"] = fp16_report.to_dict()
+            manifest = _manifest(
+                onnx_path, source, batch, result.opset, options.precision, parity, export_info
+            )
+            manifest.save(tmp)
+            load_manifest(tmp / MANIFEST_NAME)  # what we wrote must read back
+    return manifest
+
+
+def graph_io(onnx_path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The graph's inputs and outputs as manifest TensorSpecs (names, dtypes, shapes read from the model)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    initializers = {t.name for t in model.graph.initializer}
+
+    def spec(value) -> TensorSpec:
+        tensor = value.type.tensor_type
+        dtype = ONNX_DTYPES.get(tensor.elem_type)
+        if dtype is None:
+            raise file_error(
+                onnx_path, f"tensor {value.name!r} has unsupported element type {tensor.elem_type}"
+            )
+        shape = [d.dim_param if d.dim_param else int(d.dim_value) for d in tensor.shape.dim]
+        return TensorSpec(value.name, dtype, shape)
+
+    inputs = [spec(v) for v in model.graph.input if v.name not in initializers]
+    return inputs, [spec(v) for v in model.graph.output]
+
+
+def _manifest(onnx_path, source, batch, opset, precision, parity, export_info) -> Manifest:
+    from dtk import __version__
+
+    inputs, outputs = graph_io(onnx_path)
+    return Manifest(
+        image_size=tuple(source.image_size),
+        in_channels=source.in_channels,
+        out_channels=source.out_channels,
+        inputs=inputs,
+        outputs=outputs,
+        batch=dict(batch),
+        diffusion=source.diffusion,
+        betas=source.diffusion.betas,
+        precision=precision,
+        opset=opset,
+        onnx=ONNX_NAME,
+        plan=None,
+        parity=parity,
+        source=source.info,
+        model=source.model_info,
+        export=export_info,
+        created_by=f"dtk {__version__}",
+    )
+
+
+def _check_target(out_dir: Path) -> None:
+    """Replace an earlier bundle, never a directory that holds something else."""
+    if out_dir.is_file():
+        raise file_error(out_dir, "is a file; give a directory for the bundle")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
+        raise file_error(
+            out_dir, "exists and is not a dtk bundle; refusing to replace it (choose another -o)"
+        )
+
+
+def _converter(precision: str):
+    if precision != "fp16":
+        return None, None
+    from dtk.export.fp16 import Fp16Report, convert_to_fp16
+
+    report = Fp16Report()
+    return report, lambda model: convert_to_fp16(model, report)
+
+
+def _file_hashes(onnx_path: Path) -> dict:
+    out = {"onnx_sha256": sha256(onnx_path), "onnx_bytes": onnx_path.stat().st_size}
+    data = onnx_path.with_name(onnx_path.name + ".data")
+    if data.is_file():
+        out.update(onnx_data=data.name, onnx_data_sha256=sha256(data), onnx_data_bytes=data.stat().st_size)
+    return out
+
+
+def _versions(exporter: str) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {
+        "exporter": f"torch.onnx ({exporter})",
+        "versions": {name: ver(name) for name in ("torch", "onnx", "onnxslim", "onnxruntime", "diffusers")},
+    }
+
+
+def _jsonable(data: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+class _Stages:
+    """A tqdm bar over the export's stages on stderr, or nothing."""
+
+    TOTAL = 4
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar, self.done = enabled, None, 0
+
+    def __enter__(self):
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.TOTAL, desc="export", unit="stage", file=sys.stderr, leave=False)
+        return self
+
+    def next(self, what: str) -> None:
+        if self.bar is not None:
+            self.bar.update(1 if self.done else 0)
+            self.bar.set_description(f"export: {what}")
+        self.done += 1
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,235 @@
+"""Describe a bundle, an `.onnx` or a `.plan` (and sidecar): I/O, opset, precision, parity, schedule, files.
+
+`describe(path) -> dict` is what `dtk inspect --json` prints; `format_description` renders it for people.
+Checkpoints (`.pt`) are described by dtk.checkpoint.describe_checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from dtk.runtime.errors import file_error
+from dtk.runtime.files import sha256
+from dtk.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
+
+ONNX_TYPES = {1: "float32", 10: "float16", 11: "float64", 7: "int64", 6: "int32", 9: "bool", 16: "bfloat16"}
+
+
+def describe(path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise file_error(path, "no such file or directory")
+    if path.is_dir():
+        return describe_bundle(path)
+    if path.suffix == ".onnx":
+        return describe_onnx(path)
+    if path.suffix == ".plan":
+        return describe_plan(path)
+    if path.name == MANIFEST_NAME:
+        return describe_bundle(path.parent)
+    raise file_error(
+        path, "unknown kind of file; dtk inspect takes model.pt, a bundle directory, .onnx or .plan"
+    )
+
+
+def describe_bundle(bundle: Path) -> dict:
+    manifest = load_manifest(bundle)
+    info = {
+        "kind": "dtk bundle",
+        "path": str(bundle),
+        "created_by": manifest.created_by,
+        "image": {"channels": manifest.in_channels, "size": list(manifest.image_size)},
+        "io": _manifest_io(manifest),
+        "batch": dict(manifest.batch),
+        "precision": manifest.precision,
+        "opset": manifest.opset,
+        "schedule": schedule_summary(manifest),
+        "parity": parity_summary(manifest.parity),
+        "source": dict(manifest.source),
+        "model": {k: v for k, v in manifest.model.items() if k != "config"},
+        "files": _bundle_files(bundle, manifest),
+    }
+    if manifest.plan and (bundle / manifest.plan).is_file():
+        info["plan"] = _sidecar_summary(bundle / manifest.plan)
+    return info
+
+
+def schedule_summary(manifest: Manifest) -> dict:
+    diffusion = manifest.diffusion
+    alphas_cumprod = manifest.diffusion.alphas_cumprod
+    return {
+        "beta_schedule": diffusion.beta_schedule,
+        "num_train_timesteps": diffusion.num_train_timesteps,
+        "beta_first": float(manifest.betas[0]),
+        "beta_last": float(manifest.betas[-1]),
+        "alphas_cumprod_last": float(alphas_cumprod[-1]),
+        "prediction_type": diffusion.prediction_type,
+        "timestep_spacing": diffusion.timestep_spacing,
+        "clip_sample": diffusion.clip_sample,
+    }
+
+
+def parity_summary(parity: dict) -> dict:
+    if not parity.get("verified"):
+        return {"verified": False, "reason": parity.get("reason", "not recorded")}
+    cases = parity.get("cases", [])
+    chain = parity.get("chain") or {}
+    out = {
+        "verified": True,
+        "passed": parity.get("passed"),
+        "tolerance": {k: parity.get(k) for k in ("atol", "rtol", "chain_atol")},
+        "provider": parity.get("provider"),
+        "cases": len(cases),
+        "max_abs": max((c["max_abs"] for c in cases), default=None),
+        "worst_ratio": max((c["worst_ratio"] for c in cases), default=None),
+    }
+    if chain:
+        out["chain"] = (
+            f"{chain['steps']}-step {chain['sampler']}: max |Δ| {chain['max_abs']:.3g} ≤ {chain['bound']:.3g}"
+        )
+    return out
+
+
+def describe_onnx(path: Path) -> dict:
+    model = _load_onnx(path)
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    float_types = Counter(ONNX_TYPES.get(t.data_type, str(t.data_type)) for t in graph.initializer)
+    info = {
+        "kind": "onnx",
+        "path": str(path),
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        "inputs": [_value(v) for v in graph.input if v.name not in initializers],
+        "outputs": [_value(v) for v in graph.output],
+        "nodes": len(graph.node),
+        "op_types": dict(Counter(n.op_type for n in graph.node).most_common(12)),
+        "initializers": dict(float_types),
+        "precision": "fp16" if float_types.get("float16") else "fp32",
+        "metadata": {p.key: p.value for p in model.metadata_props},
+        "files": [_file_entry(path)],
+    }
+    data_files = sorted({e.value for t in graph.initializer for e in t.external_data if e.key == "location"})
+    for name in data_files:
+        data = path.parent / name
+        if not data.is_file():
+            raise file_error(path, f"its weights file {name} is missing")
+        info["files"].append(_file_entry(data))
+    if (path.parent / MANIFEST_NAME).is_file():
+        info["bundle"] = str(path.parent)
+    return info
+
+
+def describe_plan(path: Path) -> dict:
+    from dtk.runtime.sidecar import load_sidecar, sidecar_path
+
+    sidecar = load_sidecar(path)
+    info = {
+        "kind": "tensorrt plan",
+        "path": str(path),
+        **_sidecar_summary(path, sidecar),
+        "files": [_file_entry(path), _file_entry(sidecar_path(path))],
+    }
+    actual = info["files"][0]["sha256"]
+    info["plan_matches_sidecar"] = actual == sidecar.plan_sha256
+    if (path.parent / MANIFEST_NAME).is_file():
+        info["bundle"] = str(path.parent)
+    return info
+
+
+def _sidecar_summary(plan: Path, sidecar=None) -> dict:
+    from dtk.runtime.sidecar import load_sidecar
+
+    sidecar = sidecar or load_sidecar(plan)
+    return {
+        "tensorrt_version": sidecar.tensorrt_version,
+        "gpu": f"{sidecar.gpu_name} ({sidecar.sm})",
+        "precision": sidecar.precision,
+        "strongly_typed": sidecar.strongly_typed,
+        "hardware_compat": sidecar.hardware_compat,
+        "version_compat": sidecar.version_compat,
+        "profiles": sidecar.profiles,
+        "onnx_sha256": sidecar.onnx_sha256,
+    }
+
+
+def _load_onnx(path: Path):
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as e:
+        raise file_error(
+            path, f"not a valid ONNX model: truncated or corrupt ({type(e).__name__}); re-export it"
+        ) from None
+
+
+def _value(value) -> dict:
+    tensor = value.type.tensor_type
+    shape = [d.dim_param if d.dim_param else int(d.dim_value) for d in tensor.shape.dim]
+    return {
+        "name": value.name,
+        "dtype": ONNX_TYPES.get(tensor.elem_type, str(tensor.elem_type)),
+        "shape": shape,
+    }
+
+
+def _manifest_io(manifest: Manifest) -> dict:
+    def fmt(spec):
+        return f"{spec.dtype} [{', '.join(str(d) for d in spec.shape)}]"
+
+    return {spec.name: fmt(spec) for spec in manifest.inputs + manifest.outputs}
+
+
+def _file_entry(path: Path) -> dict:
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256(path)}
+
+
+def _bundle_files(bundle: Path, manifest: Manifest) -> list[dict]:
+    """Every file of the bundle with size and hash; ONNX hashes checked against the export's."""
+    files = []
+    for name in sorted(p.name for p in bundle.iterdir() if p.is_file()):
+        entry = _file_entry(bundle / name)
+        recorded = {
+            manifest.onnx: manifest.export.get("onnx_sha256"),
+            manifest.export.get("onnx_data"): manifest.export.get("onnx_data_sha256"),
+        }.get(name)
+        if recorded:
+            entry["matches_export"] = recorded == entry["sha256"]
+        files.append(entry)
+    if not (bundle / manifest.onnx).is_file():
+        raise file_error(bundle, f"the manifest names {manifest.onnx}, which is missing")
+    return files
+
+
+def format_description(info: dict) -> str:
+    """Indented `key: value` lines; nested dicts and lists of dicts become blocks."""
+    lines: list[str] = []
+    _format(info, 0, lines)
+    return "\n".join(lines)
+
+
+def _format(value, depth: int, lines: list[str]) -> None:
+    pad = "  " * depth
+    for key, item in value.items():
+        if isinstance(item, dict) and item:
+            lines.append(f"{pad}{key}:")
+            _format(item, depth + 1, lines)
+        elif isinstance(item, list) and item and all(isinstance(v, dict) for v in item):
+            lines.append(f"{pad}{key}:")
+            for entry in item:
+                lines.append(f"{pad}  - " + ", ".join(f"{k}={_short(v)}" for k, v in entry.items()))
+        else:
+            lines.append(f"{pad}{key}: {_short(item)}")
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
+    return str(value)

@@ -1,0 +1,134 @@
+"""Triton model repositories: the config parses as Triton's ModelConfig and says what the bundle is."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dtk.export.triton import TritonOptions, render_pbtxt, triton_config, write_triton_repository
+from dtk.runtime.errors import DtkError
+from dtk.runtime.files import sha256
+from dtk.runtime.manifest import load_manifest
+
+
+def model_config_proto():
+    """Triton's ModelConfig from tritonclient's generated model_config_pb2, or None when not installed.
+
+    Loaded by path: `import tritonclient.grpc` would also import grpcio, which the proto does not need."""
+    spec = importlib.util.find_spec("tritonclient")
+    if spec is None:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "grpc" / "model_config_pb2.py"
+    module_spec = importlib.util.spec_from_file_location("dtk_tests_triton_model_config_pb2", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.ModelConfig
+
+
+def parse(text: str):
+    message = model_config_proto()
+    if message is None:
+        pytest.skip("tritonclient is not installed; the explicit field checks above still ran")
+    from google.protobuf import text_format
+
+    return text_format.Parse(text, message())
+
+
+def test_dynamic_batch_config(tiny_bundle):
+    manifest = load_manifest(tiny_bundle)
+    config = triton_config(manifest, TritonOptions(instances=2))
+    # every field, explicitly
+    assert config["name"] == "dtk_unet" and config["platform"] == "onnxruntime_onnx"
+    assert config["max_batch_size"] == 4
+    assert config["input"] == [
+        {"name": "sample", "data_type": "TYPE_FP32", "dims": [1, 16, 16]},
+        {"name": "timestep", "data_type": "TYPE_FP32", "dims": [1], "reshape": {"shape": []}},
+    ]
+    assert config["output"] == [{"name": "model_output", "data_type": "TYPE_FP32", "dims": [1, 16, 16]}]
+    assert config["instance_group"] == [{"count": 2, "kind": "KIND_GPU"}]
+    assert config["dynamic_batching"] == {"preferred_batch_size": [2, 4], "max_queue_delay_microseconds": 100}
+    (warmup,) = config["model_warmup"]
+    assert warmup["batch_size"] == 4
+    assert warmup["inputs"] == [
+        {"key": "sample", "value": {"data_type": "TYPE_FP32", "dims": [1, 16, 16], "random_data": True}},
+        {"key": "timestep", "value": {"data_type": "TYPE_FP32", "dims": [1], "zero_data": True}},
+    ]
+
+    parsed = parse(render_pbtxt(config))
+    assert parsed.name == "dtk_unet" and parsed.platform == "onnxruntime_onnx" and parsed.max_batch_size == 4
+    assert [(i.name, i.data_type, list(i.dims)) for i in parsed.input] == [
+        ("sample", 11, [1, 16, 16]),  # 11 = TYPE_FP32
+        ("timestep", 11, [1]),
+    ]
+    assert parsed.input[1].HasField("reshape") and list(parsed.input[1].reshape.shape) == []
+    assert [(o.name, list(o.dims)) for o in parsed.output] == [("model_output", [1, 16, 16])]
+    assert parsed.instance_group[0].count == 2 and parsed.instance_group[0].kind == 1  # KIND_GPU
+    assert list(parsed.dynamic_batching.preferred_batch_size) == [2, 4]
+    assert parsed.model_warmup[0].batch_size == 4
+    assert parsed.model_warmup[0].inputs["sample"].random_data
+    assert parsed.model_warmup[0].inputs["timestep"].zero_data
+
+
+def test_fixed_batch_config(tiny_bundle):
+    manifest = dataclasses.replace(load_manifest(tiny_bundle), batch={"min": 2, "opt": 2, "max": 2})
+    manifest.inputs[0].shape = [2, 1, 16, 16]
+    manifest.inputs[1].shape = [2]
+    manifest.outputs[0].shape = [2, 1, 16, 16]
+    config = triton_config(manifest, TritonOptions(kind="cpu", warmup=True))
+    assert config["max_batch_size"] == 0 and "dynamic_batching" not in config
+    assert [i["dims"] for i in config["input"]] == [[2, 1, 16, 16], [2]]
+    assert "reshape" not in config["input"][1]
+    assert config["instance_group"] == [{"count": 1, "kind": "KIND_CPU"}]
+    assert config["model_warmup"][0]["batch_size"] == 1  # Triton: 1 for models without batching
+    parsed = parse(render_pbtxt(config))
+    assert parsed.max_batch_size == 0 and list(parsed.input[0].dims) == [2, 1, 16, 16]
+    assert parsed.instance_group[0].kind == 2  # KIND_CPU
+
+
+def test_repository_layout(tiny_bundle, tmp_path):
+    model_dir = write_triton_repository(tiny_bundle, tmp_path / "repo", TritonOptions(name="digits"))
+    assert model_dir == tmp_path / "repo" / "digits"
+    assert sorted(str(p.relative_to(model_dir)) for p in model_dir.rglob("*")) == [
+        "1",
+        "1/model.onnx",
+        "config.pbtxt",
+        "dtk.json",
+    ]
+    assert sha256(model_dir / "1" / "model.onnx") == sha256(tiny_bundle / "unet.onnx")
+    assert parse((model_dir / "config.pbtxt").read_text()).name == "digits"
+    # writing again replaces the model directory in place
+    write_triton_repository(tiny_bundle, tmp_path / "repo", TritonOptions(name="digits", instances=3))
+    assert "count: 3" in (model_dir / "config.pbtxt").read_text()
+
+
+def test_plan_needs_a_plan_and_a_gpu(tiny_bundle, tmp_path):
+    with pytest.raises(DtkError, match="has no TensorRT plan"):
+        write_triton_repository(tiny_bundle, tmp_path / "repo", TritonOptions(model="plan"))
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    manifest = load_manifest(bundle)
+    manifest.plan = "unet.plan"
+    manifest.save(bundle)
+    (bundle / "unet.plan").write_bytes(b"engine bytes")
+    model_dir = write_triton_repository(bundle, tmp_path / "repo")  # auto picks the plan
+    assert (model_dir / "1" / "model.plan").read_bytes() == b"engine bytes"
+    assert 'platform: "tensorrt_plan"' in (model_dir / "config.pbtxt").read_text()
+    with pytest.raises(DtkError, match="GPU only"):
+        write_triton_repository(bundle, tmp_path / "repo", TritonOptions(kind="cpu"))
+
+
+def test_batch_range_must_start_at_one(tiny_bundle):
+    manifest = dataclasses.replace(load_manifest(tiny_bundle), batch={"min": 2, "opt": 2, "max": 4})
+    with pytest.raises(DtkError, match="export with --batch 1:OPT:MAX for Triton"):
+        triton_config(manifest, TritonOptions())
+
+
+def test_refuses_to_replace_other_directories(tiny_bundle, tmp_path):
+    (tmp_path / "repo" / "dtk_unet").mkdir(parents=True)
+    (tmp_path / "repo" / "dtk_unet" / "mine.txt").write_text("x")
+    with pytest.raises(DtkError, match="not a Triton model directory"):
+        write_triton_repository(tiny_bundle, tmp_path / "repo")

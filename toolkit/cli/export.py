@@ -1,0 +1,305 @@
+"""`dtk export SOURCE -o BUNDLE`: checkpoint or diffusers model → verified ONNX bundle, TensorRT, Triton."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+
+def parse_batch(value: str):
+    """ "N" (fixed), "MIN:MAX" or "MIN:OPT:MAX" → int or tuple."""
+    try:
+        parts = [int(p) for p in str(value).split(":")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not N, MIN:MAX or MIN:OPT:MAX") from None
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) in (2, 3):
+        return tuple(parts)
+    raise click.BadParameter(f"{value!r} is not N, MIN:MAX or MIN:OPT:MAX")
+
+
+@click.command("export")
+@click.argument("source", type=click.Path(path_type=str))
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(file_okay=False, path_type=str),
+    metavar="DIR",
+    default="bundle",
+    show_default=True,
+    help="Bundle directory to write (an earlier bundle there is replaced; any other directory is refused).",
+)
+@click.option(
+    "--weights",
+    type=click.Choice(["ema", "raw"]),
+    default="ema",
+    show_default=True,
+    help="Checkpoint weights to export.",
+)
+@click.option(
+    "--opset", type=click.IntRange(min=17), default=18, show_default=True, help="ONNX opset (17 or newer)."
+)
+@click.option(
+    "--batch",
+    "batch",
+    default="1:8:16",
+    show_default=True,
+    metavar="N|MIN:OPT:MAX",
+    help="Dynamic batch range MIN:OPT:MAX (or MIN:MAX), or N for a fixed batch (static shapes for edge "
+    "devices and CUDA graphs).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="fp16 computes in half precision but keeps GroupNorm, softmax/attention and the timestep "
+    "embedding in fp32; inputs and outputs stay float32.",
+)
+@click.option(
+    "--no-verify", is_flag=True, help="Skip the parity check against PyTorch (a warning is printed)."
+)
+@click.option(
+    "--atol",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Parity: absolute tolerance per output element [fp32 1e-4, fp16 2e-2].",
+)
+@click.option(
+    "--rtol",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Parity: relative tolerance per output element [fp32 1e-4, fp16 2e-2].",
+)
+@click.option(
+    "--chain-atol",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Parity: bound on the DDIM chain's final |Δ|, times max(1, |sample|) [fp32 1e-3, fp16 1e-1].",
+)
+@click.option(
+    "--chain-steps",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="Parity: DDIM steps of the end-to-end chain (0 skips the chain).",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Parity: seed of the inputs and the chain's noise.",
+)
+@click.option("--no-simplify", is_flag=True, help="Skip onnxslim constant folding and simplification.")
+@click.option(
+    "--external-data",
+    is_flag=True,
+    help="Store the weights in unet.onnx.data (automatic when they exceed 2 GB).",
+)
+@click.option(
+    "--exporter",
+    type=click.Choice(["dynamo", "torchscript"]),
+    default="dynamo",
+    show_default=True,
+    help="torch.onnx exporter (torchscript is the legacy one, for models dynamo cannot trace).",
+)
+@click.option(
+    "--engine",
+    is_flag=True,
+    help="Also build unet.plan with TensorRT on this machine's GPU (as `dtk build-engine`).",
+)
+@click.option(
+    "--workspace",
+    type=click.IntRange(min=1),
+    metavar="MiB",
+    help="Engine: cap TensorRT's scratch memory (small Jetson boards).",
+)
+@click.option(
+    "--timing-cache",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Engine: reuse this timing cache and write it back.",
+)
+@click.option(
+    "--opt-level", type=click.IntRange(0, 5), help="Engine: builder optimization level (default 3)."
+)
+@click.option("--hardware-compat", is_flag=True, help="Engine: one plan for every Ampere-or-newer GPU.")
+@click.option("--version-compat", is_flag=True, help="Engine: let later TensorRT versions load the plan.")
+@click.option("--strongly-typed", is_flag=True, help="Engine: TensorRT 10 builds strongly typed, as 11 does.")
+@click.option(
+    "--device", type=click.IntRange(min=0), default=0, show_default=True, help="Engine: GPU to build on."
+)
+@click.option(
+    "--triton",
+    "triton_dir",
+    type=click.Path(file_okay=False, path_type=str),
+    metavar="DIR",
+    help="Also write a Triton Inference Server model repository: DIR/<name>/config.pbtxt, "
+    "DIR/<name>/1/model.onnx (or model.plan).",
+)
+@click.option("--triton-name", default="dtk_unet", show_default=True, help="Triton: model name.")
+@click.option(
+    "--triton-model",
+    type=click.Choice(["auto", "onnx", "plan"]),
+    default="auto",
+    show_default=True,
+    help="Triton: serve the ONNX model or the TensorRT plan (auto: the plan when one was built).",
+)
+@click.option(
+    "--triton-kind",
+    type=click.Choice(["gpu", "cpu"]),
+    default="gpu",
+    show_default=True,
+    help="Triton: instance_group kind.",
+)
+@click.option(
+    "--triton-instances",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Triton: instance_group count.",
+)
+@click.option("--no-triton-warmup", is_flag=True, help="Triton: leave out the model_warmup request.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def command(
+    source,
+    out,
+    weights,
+    opset,
+    batch,
+    precision,
+    no_verify,
+    atol,
+    rtol,
+    chain_atol,
+    chain_steps,
+    seed,
+    no_simplify,
+    external_data,
+    exporter,
+    engine,
+    workspace,
+    timing_cache,
+    opt_level,
+    hardware_compat,
+    version_compat,
+    strongly_typed,
+    device,
+    triton_dir,
+    triton_name,
+    triton_model,
+    triton_kind,
+    triton_instances,
+    no_triton_warmup,
+    no_progress,
+):
+    """Export SOURCE — a dtk checkpoint (model.pt) or a diffusers UNet2DModel folder — to a bundle: unet.onnx
+    and dtk.json.
+
+    The graph takes `sample` float32 [batch, C, H, W] and `timestep` float32 [batch] (the training timestep t
+    as a float) and returns `model_output` float32 [batch, C, H, W]. Unless --no-verify, ONNX Runtime is
+    compared with PyTorch at timesteps near 0, T/2 and T-1 at the smallest and largest batch, and over a short
+    DDIM chain; a difference out of tolerance fails the export and writes no bundle."""
+    from dtk.export.bundle import ExportOptions, export_bundle
+    from dtk.export.parity import ParityError, format_table, report_from_dict
+
+    options = ExportOptions(
+        opset=opset,
+        batch=parse_batch(batch),
+        precision=precision,
+        verify=not no_verify,
+        simplify=not no_simplify,
+        atol=atol,
+        rtol=rtol,
+        chain_atol=chain_atol,
+        chain_steps=chain_steps,
+        seed=seed,
+        weights=weights,
+        external_data=True if external_data else None,
+        exporter=exporter,
+    )
+    start = time.perf_counter()
+    try:
+        manifest = export_bundle(source, out, options, progress=not no_progress)
+    except ParityError as e:
+        click.echo(format_table(e.report))
+        raise
+    if manifest.parity.get("verified"):
+        click.echo(format_table(report_from_dict(manifest.parity)))
+    batch_range = manifest.batch
+    batch_text = (
+        f"fixed batch {batch_range['min']}"
+        if manifest.fixed_batch
+        else f"batch {batch_range['min']}..{batch_range['max']} (opt {batch_range['opt']})"
+    )
+    size = manifest.export.get("onnx_bytes", 0) + manifest.export.get("onnx_data_bytes", 0)
+    click.echo(
+        f"wrote {out}: {manifest.onnx} ({size / 2**20:.1f} MiB), {manifest.precision}, "
+        f"opset {manifest.opset}, {batch_text}, in {time.perf_counter() - start:.1f} s"
+    )
+
+    if engine:
+        _build_engine(
+            out,
+            precision,
+            workspace,
+            timing_cache,
+            opt_level,
+            hardware_compat,
+            version_compat,
+            strongly_typed,
+            device,
+            not no_progress,
+        )
+    if triton_dir:
+        from dtk.export.triton import TritonOptions, write_triton_repository
+
+        model_dir = write_triton_repository(
+            out,
+            triton_dir,
+            TritonOptions(
+                name=triton_name,
+                model=triton_model,
+                kind=triton_kind,
+                instances=triton_instances,
+                warmup=not no_triton_warmup,
+            ),
+        )
+        click.echo(f"wrote Triton model {model_dir} (config.pbtxt, {next((model_dir / '1').iterdir()).name})")
+
+
+def _build_engine(
+    out,
+    precision,
+    workspace,
+    timing_cache,
+    opt_level,
+    hardware_compat,
+    version_compat,
+    strongly_typed,
+    device,
+    progress,
+) -> None:
+    from dtk.runtime.errors import DtkError
+
+    try:
+        from dtk.export.tensorrt import EngineOptions, build_engine
+
+        options = EngineOptions(
+            precision=precision,
+            workspace=workspace,
+            timing_cache=timing_cache,
+            opt_level=opt_level,
+            hardware_compat="ampere+" if hardware_compat else "none",
+            version_compat=version_compat,
+            strongly_typed=strongly_typed,
+            device=device,
+        )
+        plan = build_engine(out, options, progress=progress)
+    except DtkError as e:
+        raise DtkError(
+            f"{e}\n(the ONNX bundle {out} was written; build the engine later with `dtk build-engine {out}`)"
+        ) from e
+    click.echo(f"wrote {plan} ({plan.stat().st_size / 2**20:.1f} MiB)")

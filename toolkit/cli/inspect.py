@@ -1,0 +1,26 @@
+"""`dtk inspect PATH`: describe a checkpoint (model.pt), a bundle directory, an .onnx or a .plan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def command(path: Path, as_json: bool):
+    """Describe PATH: a dtk checkpoint (config, parameters, step, schedule), a bundle directory (I/O, batch,
+    precision, opset, parity results, schedule, source, file sizes and hashes), an .onnx (I/O, opset, nodes,
+    files) or a .plan with its unet.plan.json sidecar (TensorRT version, GPU, profiles)."""
+    from dtk.export.inspect import describe, format_description
+
+    if path.is_file() and path.suffix not in (".onnx", ".plan", ".json"):
+        from dtk.checkpoint import describe_checkpoint, load_checkpoint
+
+        info = describe_checkpoint(load_checkpoint(path))
+    else:
+        info = describe(path)
+    click.echo(json.dumps(info, indent=2, default=str) if as_json else format_description(info))
