@@ -1,0 +1,177 @@
+"""`model.pt`: a versioned dict of configs and weights, written atomically and read with weights_only=True.
+
+Layout (every value a tensor or plain Python data, so torch's weights-only unpickler can read it):
+
+    {"format": "dtk.checkpoint", "version": 1, "step": int,
+     "model_config": UNetConfig.to_dict(), "diffusion": DiffusionConfig.to_dict(),
+     "model_state": {name: tensor}, "ema_state": {name: tensor} | None,
+     "train_state": {"optimizer", "grad_scaler", "ema_updates", "config", ...} | None}
+
+A file that is not such a dict, a truncated one, or one whose pickle would import code gets a DtkError.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from dtk.runtime.errors import DtkError, file_error
+from dtk.runtime.files import atomic_path
+from dtk.runtime.schedule import DiffusionConfig
+from dtk.unet import UNet, UNetConfig
+
+FORMAT = "dtk.checkpoint"
+VERSION = 1
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+@dataclass
+class Checkpoint:
+    model_config: UNetConfig
+    diffusion: DiffusionConfig
+    model_state: dict
+    ema_state: dict | None
+    step: int
+    train_state: dict | None
+    path: Path | None = None
+
+    def build_model(self, weights: str = "ema"):
+        """The U-Net with the EMA (or raw) weights, eval mode, on the CPU. Without EMA weights: raw."""
+        if weights not in ("ema", "raw"):
+            raise DtkError(f"weights must be 'ema' or 'raw', got {weights!r}")
+        state = self.ema_state if weights == "ema" and self.ema_state is not None else self.model_state
+        model = UNet(self.model_config)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            where = self.path or "checkpoint"
+            detail = "; ".join(
+                part
+                for part in (
+                    f"missing {', '.join(missing[:3])}" if missing else "",
+                    f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+                )
+                if part
+            )
+            raise file_error(where, f"weights do not match the U-Net config ({detail})")
+        return model.eval()
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "step": int(self.step),
+            "model_config": self.model_config.to_dict(),
+            "diffusion": self.diffusion.to_dict(),
+            "model_state": self.model_state,
+            "ema_state": self.ema_state,
+            "train_state": self.train_state,
+        }
+
+
+def save_checkpoint(path, ckpt: Checkpoint) -> Path:
+    """Write `ckpt` to `path` atomically (temporary file, then rename)."""
+    import torch
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(ckpt.to_dict(), tmp)
+    return path
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Read a dtk checkpoint with torch.load(weights_only=True): tensors and plain data only, never code."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise file_error(path, "no such checkpoint file")
+    if path.is_dir():
+        raise file_error(path, "is a directory, not a checkpoint file (model.pt)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise file_error(path, "empty file, not a dtk checkpoint")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError... for bad files
+        raise _load_error(path, head, e) from None
+    return _from_dict(path, data)
+
+
+def _load_error(path: Path, head: bytes, error: Exception) -> DtkError:
+    message = str(error)
+    unsafe = re.search(r"GLOBAL ([\w.]+)", message)
+    if unsafe:
+        return file_error(
+            path,
+            f"refused to load: its pickle imports {unsafe.group(1)}, which could run code "
+            "(dtk reads checkpoints with torch.load(weights_only=True): tensors and plain data only)",
+        )
+    if head == _ZIP_MAGIC:
+        return file_error(path, "truncated or corrupt checkpoint (the PyTorch zip archive is incomplete)")
+    return file_error(path, "not a dtk checkpoint (not a PyTorch file of tensors and plain data)")
+
+
+def _from_dict(path: Path, data) -> Checkpoint:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        hint = " (it looks like a bare state_dict)" if isinstance(data, dict) and "format" not in data else ""
+        raise file_error(path, f"not a dtk checkpoint: no '{FORMAT}' format marker{hint}")
+    version = data.get("version")
+    if not isinstance(version, int) or version > VERSION or version < 1:
+        raise file_error(
+            path, f"checkpoint version {version!r} is not supported by this dtk (it reads {VERSION})"
+        )
+    try:
+        model_config = UNetConfig.from_dict(dict(data["model_config"]))
+        diffusion = DiffusionConfig.from_dict(dict(data["diffusion"]))
+        model_state, ema_state = data["model_state"], data.get("ema_state")
+        step = int(data["step"])
+    except KeyError as e:
+        raise file_error(path, f"damaged dtk checkpoint: missing {e}") from None
+    except (TypeError, ValueError) as e:
+        raise file_error(path, f"damaged dtk checkpoint: {e}") from None
+    except DtkError as e:
+        raise file_error(path, f"bad config in checkpoint: {e}") from None
+    if not isinstance(model_state, dict) or not (ema_state is None or isinstance(ema_state, dict)):
+        raise file_error(path, "damaged dtk checkpoint: weights are not a state dict")
+    return Checkpoint(
+        model_config=model_config,
+        diffusion=diffusion,
+        model_state=model_state,
+        ema_state=ema_state,
+        step=step,
+        train_state=data.get("train_state"),
+        path=path,
+    )
+
+
+def describe_checkpoint(ckpt: Checkpoint) -> dict:
+    """What `dtk inspect` shows: configs, parameter count, step, schedule, what the file holds."""
+    config = ckpt.model_config
+    diffusion = ckpt.diffusion
+    alphas_cumprod = diffusion.alphas_cumprod
+    train = ckpt.train_state or {}
+    info = {
+        "kind": "dtk checkpoint",
+        "path": str(ckpt.path) if ckpt.path else None,
+        "format": f"{FORMAT} v{VERSION}",
+        "step": ckpt.step,
+        "parameters": sum(int(v.numel()) for v in ckpt.model_state.values()),
+        "image_shape": [config.in_channels, config.image_size, config.image_size],
+        "model": config.to_dict(),
+        "diffusion": diffusion.to_dict(),
+        "schedule": {
+            "beta_schedule": diffusion.beta_schedule,
+            "num_train_timesteps": diffusion.num_train_timesteps,
+            "beta_first": float(diffusion.betas[0]),
+            "beta_last": float(diffusion.betas[-1]),
+            "alphas_cumprod_last": float(alphas_cumprod[-1]),
+        },
+        "prediction_type": diffusion.prediction_type,
+        "weights": ["raw", "ema"] if ckpt.ema_state is not None else ["raw"],
+        "resumable": ckpt.train_state is not None,
+    }
+    if "config" in train:
+        info["training"] = dict(train["config"])
+    return info

@@ -1,0 +1,122 @@
+"""`dtk train`: train a DDPM U-Net on an image folder or a built-in dataset and write model.pt."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import click
+
+# dtk.train imports torch: `dtk --help` does not load this module, `dtk train --help` does.
+from dtk.train import PRECISIONS, TrainConfig
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def _ints(text: str | None, flag: str) -> tuple | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise click.BadParameter(
+            f"expected comma-separated integers, got {text!r}", param_hint=flag
+        ) from None
+
+
+def option(name: str, help: str, **kwargs):
+    """A flag for TrainConfig field `name`, defaulting to the dataclass default."""
+    flag = "--" + name.replace("_", "-")
+    kwargs.setdefault("default", _DEFAULTS[name])
+    kwargs.setdefault("show_default", kwargs["default"] is not None and not kwargs.get("is_flag"))
+    return click.option(flag, name, help=help, **kwargs)
+
+
+@click.command(
+    name="train", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}
+)
+@option("out", "Run folder: model.pt and the sample grids samples_<step>.png are written here.", type=str)
+@option(
+    "dataset",
+    "A folder of PNG/JPEG images (searched recursively), or a built-in set: digits, shapes.",
+    type=str,
+)
+@option("preset", "U-Net preset: tiny, small or ddpm-cifar10 (Ho et al. 2020, 35.7M parameters).", type=str)
+@option("image_size", "Image size in pixels (square) [default: the preset's, tiny 16, others 32].", type=int)
+@option("channels", "1 (grayscale) or 3 (RGB) [default: the data's own].", type=click.IntRange(1, 3))
+@option("hflip", "Randomly flip training images horizontally.", is_flag=True)
+@option("base_channels", "U-Net width at full resolution [default: the preset's].", type=int)
+@option("channel_mults", "Width multiplier per level, comma-separated, e.g. 1,2,2,2 [default: the preset's].")
+@option("num_res_blocks", "ResBlocks per level on the way down [default: the preset's].", type=int)
+@option(
+    "attention_resolutions",
+    "Feature-map sizes (pixels) with self-attention, comma-separated, e.g. 16; empty for none "
+    "[default: the preset's].",
+)
+@option("dropout", "Dropout in the ResBlocks [default: the preset's].", type=float)
+@option("num_heads", "Attention heads [default: the preset's].", type=int)
+@option("num_groups", "GroupNorm groups; must divide every level's width [default: the preset's].", type=int)
+@option("num_train_timesteps", "Diffusion steps T of the forward process.", type=int)
+@option("beta_schedule", "Noise schedule.", type=click.Choice(["linear", "cosine", "scaled_linear"]))
+@option(
+    "prediction_type", "What the U-Net predicts.", type=click.Choice(["epsilon", "v_prediction", "sample"])
+)
+@click.option(
+    "--clip-sample/--no-clip-sample",
+    "clip_sample",
+    default=_DEFAULTS["clip_sample"],
+    show_default=True,
+    help="Samplers clip the predicted x0 to [-1, 1] (stored in the checkpoint's diffusion config).",
+)
+@option("min_snr_gamma", "Weight the loss with Min-SNR-gamma (e.g. 5); off by default.", type=float)
+@option("steps", "Optimizer steps to train for (in total, when resuming).", type=int)
+@option("batch_size", "Images per micro-batch per process.", type=int)
+@option("grad_accum", "Micro-batches accumulated per optimizer step.", type=int)
+@option("lr", "Peak learning rate of AdamW.", type=float)
+@option("warmup_steps", "Steps of linear learning-rate warm-up; constant after.", type=int)
+@option("weight_decay", "AdamW weight decay.", type=float)
+@option("grad_clip", "Clip the gradient norm to this value; 0 turns clipping off.", type=float)
+@option(
+    "ema_decay", "Decay of the weights' exponential moving average (warmed up as (1+n)/(10+n)).", type=float
+)
+@option(
+    "precision",
+    "auto: bf16 (or fp16) autocast on CUDA, fp32 elsewhere. bf16/fp16 need CUDA.",
+    type=click.Choice(PRECISIONS),
+)
+@option("device", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", type=str)
+@option("seed", "Seed for weights, data order, noise and sample grids.", type=int)
+@option(
+    "sample_every",
+    "Write a sample grid from the EMA weights every N steps and at the end; 0: never.",
+    type=int,
+)
+@option("sample_num", "Images in each sample grid.", type=int)
+@option("sample_steps", "Sampler steps for the sample grids.", type=int)
+@option("sampler", "Sampler for the sample grids.", type=click.Choice(["ddim", "ddpm", "dpmpp-2m"]))
+@option(
+    "save_every",
+    "Also write model.pt every N steps (it is always written at the end); 0: only at the end.",
+    type=int,
+)
+@option(
+    "resume",
+    "Continue the run in --out from its model.pt (same step, optimizer, EMA, data order).",
+    is_flag=True,
+)
+@click.option(
+    "--progress/--no-progress", "progress", default=True, show_default=True, help="Show a progress bar."
+)
+def command(**options):
+    """Train a DDPM U-Net and write OUT/model.pt (with EMA weights and the state to resume from).
+
+    \b
+    Examples:
+      dtk train --preset tiny --dataset digits --image-size 16 --steps 1500 --out runs/digits
+      dtk train --preset ddpm-cifar10 --dataset ./cifar_png --hflip --steps 800000 --lr 2e-4 --out runs/cifar
+      torchrun --nproc_per_node 4 -m dtk train --dataset ./images --out runs/multi   # DDP, one GPU each
+    """
+    from dtk.train import train
+
+    options["channel_mults"] = _ints(options["channel_mults"], "--channel-mults")
+    options["attention_resolutions"] = _ints(options["attention_resolutions"], "--attention-resolutions")
+    train(TrainConfig(**options))
