@@ -13,11 +13,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# The main job, end to end: train (PyTorch) -> export (ONNX + parity table) -> sample (torch-free runtime) -> bench.
 demo: $(STAMP)
 	$(BIN)/dtk train --preset tiny --dataset digits --image-size 16 --steps 1500 --batch-size 64 \
 		--sample-every 500 --out $(DEMO)/run
-	$(BIN)/dtk sample $(DEMO)/run/model.pt --num 64 --steps 50 --sampler ddim --seed 0 --out $(DEMO)/reference.png
-	@echo "demo: sample grid in $(DEMO)/reference.png"
+	$(BIN)/dtk export $(DEMO)/run/model.pt -o $(DEMO)/bundle --batch 1:8:64
+	$(BIN)/dtk inspect $(DEMO)/bundle
+	$(BIN)/dtk sample $(DEMO)/bundle --num 64 --steps 50 --sampler ddim --seed 0 --out $(DEMO)/samples.png
+	$(BIN)/dtk bench $(DEMO)/bundle --checkpoint $(DEMO)/run/model.pt --compare torch,onnxruntime,tensorrt \
+		--batch 1 --duration 2 --json $(DEMO)/bench.json
+	@echo "demo: training grids in $(DEMO)/run/, runtime samples in $(DEMO)/samples.png, bench in $(DEMO)/bench.json"
 
 test: $(STAMP)
 	$(BIN)/ruff check .
