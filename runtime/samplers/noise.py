@@ -37,5 +37,7 @@ class NoiseSource:
         return self._draw(shape_chw)
 
     def _draw(self, shape_chw) -> np.ndarray:
-        shape = tuple(int(s) for s in shape_chw)
-        return np.stack([g.standard_normal(shape, dtype=np.float32) for g in self._generators])
+        noise = np.empty((len(self._generators), *(int(s) for s in shape_chw)), dtype=np.float32)
+        for generator, image in zip(self._generators, noise, strict=True):
+            generator.standard_normal(dtype=np.float32, out=image)
+        return noise
