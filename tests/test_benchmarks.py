@@ -1,0 +1,123 @@
+"""Pieces of the benchmark scripts: the Fréchet distance, class coverage, settings, the results table."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = _script("quality_vs_steps")
+backends = _script("compare_backends")
+
+
+def test_frechet_distance_of_known_gaussians():
+    fd = quality.frechet_distance
+    assert fd([0.0], [[4.0]], [3.0], [[1.0]]) == pytest.approx(10.0)  # (0-3)² + (2-1)²
+    assert fd([0, 0], np.diag([1.0, 4.0]), [1, 1], np.diag([9.0, 16.0])) == pytest.approx(10.0)
+    cov = np.array([[2.0, 0.5], [0.5, 1.0]])
+    assert fd([1, 2], cov, [1, 2], cov) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_distance_matches_the_matrix_square_root_formula():
+    from scipy import linalg
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((200, 6)), rng.standard_normal((300, 6)) @ rng.standard_normal((6, 6)) + 0.5
+    (mu1, cov1), (mu2, cov2) = quality.feature_stats(a), quality.feature_stats(b)
+    root = linalg.sqrtm(cov1 @ cov2).real
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(cov1 + cov2 - 2 * root)
+    assert quality.frechet_distance(mu1, cov1, mu2, cov2) == pytest.approx(expected, rel=1e-8)
+    assert quality.frechet_distance(mu2, cov2, mu1, cov1) == pytest.approx(expected, rel=1e-8)
+
+
+def test_class_coverage():
+    uniform = np.eye(10)[np.arange(100) % 10]
+    assert quality.class_coverage(uniform) == pytest.approx(1.0)
+    assert quality.class_coverage(np.eye(10)[np.zeros(50, int)]) == 0.0
+    two = np.eye(10)[np.arange(40) % 2]
+    assert quality.class_coverage(two) == pytest.approx(np.log(2) / np.log(10))
+
+
+def test_settings_parse_and_cover_the_issue():
+    assert quality.parse_settings("ddpm:1000, ddim:10") == (("ddpm", 1000), ("ddim", 10))
+    with pytest.raises(Exception, match="expected sampler:steps"):
+        quality.parse_settings("ddim")
+    assert set(quality.SETTINGS) == {
+        ("ddpm", 1000),
+        ("ddim", 10),
+        ("ddim", 20),
+        ("ddim", 50),
+        ("dpmpp-2m", 10),
+        ("dpmpp-2m", 20),
+    }
+
+
+def test_digits_classifier_shapes():
+    import torch
+
+    model = quality.digits_classifier(channels=1, image_size=16)
+    logits, hidden = model(torch.zeros(3, 1, 16, 16))
+    assert logits.shape == (3, 10) and hidden.shape == (3, 64)
+
+
+def test_backends_markdown_names_the_machine_and_the_speedup():
+    record = {
+        "backend": "torch",
+        "batch": 1,
+        "precision": "fp32",
+        "transfers": "host",
+        "latency_ms": {
+            "min": 9.0,
+            "mean": 10.0,
+            "p50": 10.0,
+            "p90": 11.0,
+            "p95": 11.0,
+            "p99": 12.0,
+            "max": 13.0,
+        },
+        "throughput": {"calls_per_s": 100.0, "images_per_s": 100.0},
+    }
+    faster = {**record, "backend": "onnxruntime", "latency_ms": {**record["latency_ms"], "p50": 4.0}}
+    data = {
+        "machine": "cpu-test-2c",
+        "system": {
+            "platform": "Linux",
+            "python": "3.11",
+            "cpu": {"model": "Test CPU", "cores": 2, "usable_cores": 2, "memory_gib": 4.0},
+            "gpus": [],
+            "jetson": None,
+            "versions": {"onnxruntime": "1.0"},
+        },
+        "settings": {"warmup": "1s", "iterations": 20, "duration": 5.0, "threads": None, "compile": False},
+        "presets": {
+            "tiny": {
+                "parameters": 687347,
+                "shape": "3x16x16",
+                "batches": [
+                    {
+                        "batch": 1,
+                        "results": [record, faster],
+                        "skipped": [{"backend": "tensorrt", "reason": "x"}],
+                    }
+                ],
+            }
+        },
+    }
+    text = backends.markdown(data)
+    assert text.startswith("# Backends on cpu-test-2c")
+    assert "- **system**: Test CPU, 2/2 cores, 4.0 GiB" in text
+    assert "## tiny (687,347 parameters, 3x16x16)" in text
+    assert "| onnxruntime | 1 | fp32 | host | 4.000 | 10.000 | 12.000 | 100.0 | 100.0 | 2.50x |" in text
+    assert "| tensorrt | skipped: x |" in text
