@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"toolkit": "dtk", "export": "dtk.export", "runtime": "dtk.runtime"}
@@ -45,7 +46,9 @@ def test_cli_help_and_version():
     run = subprocess.run([sys.executable, "-m", "dtk", "--help"], capture_output=True, text=True, check=True)
     for name in ("train", "sample", "export", "build-engine", "inspect", "bench"):
         assert name in run.stdout
-    run = subprocess.run([sys.executable, "-m", "dtk", "--version"], capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "dtk", "--version"], capture_output=True, text=True, check=True
+    )
     assert "dtk, version 0.1.0" in run.stdout
 
 
