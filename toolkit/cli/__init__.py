@@ -6,6 +6,7 @@ import importlib
 import sys
 
 import click
+
 from dtk import __version__
 
 # command name -> (module under dtk.cli, one-line help)
