@@ -59,8 +59,8 @@ def build_engine(bundle: Path) -> None:
     """Build unet.plan on this GPU where TensorRT and a GPU are present (else `dtk bench` skips TensorRT)."""
     import importlib.util
 
-    from dtk.runtime.bench import gpu_info
     from dtk.runtime.manifest import PLAN_NAME
+    from dtk.runtime.system import gpu_info
 
     if (bundle / PLAN_NAME).exists() or importlib.util.find_spec("tensorrt") is None or not gpu_info():
         return
@@ -91,7 +91,8 @@ def bench(bundle: Path, checkpoint: Path, batch: int, args) -> dict:
 
 
 def markdown(data: dict) -> str:
-    from dtk.runtime.bench import comparison_rows, format_system, format_table
+    from dtk.runtime.bench import comparison_rows, format_table
+    from dtk.runtime.system import format_system
 
     lines = [f"# Backends on {data['machine']}", ""]
     lines += [f"- **{label}**: {text}" for label, text in format_system(data["system"])]
@@ -170,8 +171,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    from dtk.runtime.bench import machine_name, system_info
     from dtk.runtime.files import write_text
+    from dtk.runtime.system import machine_name, system_info
 
     system = system_info()
     machine = machine_name(system)

@@ -339,8 +339,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    from dtk.runtime.bench import machine_name, system_info
     from dtk.runtime.files import write_text
+    from dtk.runtime.system import machine_name, system_info
 
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle or build_tiny_bundle(Path(tmp))

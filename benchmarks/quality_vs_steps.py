@@ -263,8 +263,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from dtk.checkpoint import load_checkpoint
-    from dtk.runtime.bench import machine_name, system_info
     from dtk.runtime.files import sha256, write_text
+    from dtk.runtime.system import machine_name, system_info
 
     ckpt = load_checkpoint(args.checkpoint)
     config = ckpt.model_config

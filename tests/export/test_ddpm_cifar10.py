@@ -1,20 +1,15 @@
 """The full-size check: the 35.7M-parameter ddpm-cifar10 U-Net (random weights) exports and passes parity.
 
-About a minute on 2 CPU cores, so it runs only with DTK_SLOW_TESTS=1 (`DTK_SLOW_TESTS=1 pytest -m slow`)."""
+About half a minute on 2 CPU cores; `pytest -m "not slow"` leaves it out. The time is printed, not asserted:
+speed is recorded by benchmarks, never checked by tests."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not os.environ.get("DTK_SLOW_TESTS"), reason="set DTK_SLOW_TESTS=1 for the full-size export"
-    ),
-]
+pytestmark = pytest.mark.slow
 
 
 def test_ddpm_cifar10_export(tmp_path):
@@ -45,4 +40,3 @@ def test_ddpm_cifar10_export(tmp_path):
     assert manifest.model["parameters"] == 35_746_307
     assert manifest.parity["passed"] and manifest.batch == {"min": 1, "opt": 8, "max": 16}
     assert max(c["max_abs"] for c in manifest.parity["cases"]) < 1e-4
-    assert seconds < 180  # about a minute on an idle 2-core machine; generous for a loaded one

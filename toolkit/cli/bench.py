@@ -127,7 +127,8 @@ def command(bundle, compile_, **flags):
 
 
 def run_single(opts: BenchOptions) -> dict:
-    from dtk.runtime.bench import TimingConfig, Warmup, format_result, system_info
+    from dtk.runtime.bench import TimingConfig, Warmup, format_result
+    from dtk.runtime.system import system_info
 
     config = TimingConfig(Warmup.parse(opts.warmup), opts.iterations, opts.duration)
     target = open_target(opts)
@@ -426,8 +427,8 @@ def availability(backend: str, opts: BenchOptions, path: Path | None) -> str | N
         return None
     if importlib.util.find_spec("tensorrt") is None:
         return "TensorRT is not installed (pip install 'dtk[tensorrt]' on x86_64; JetPack on Jetson)"
-    from dtk.runtime.bench import gpu_info
     from dtk.runtime.manifest import PLAN_NAME, resolve_bundle
+    from dtk.runtime.system import gpu_info
 
     bundle_dir, manifest = resolve_bundle(path)
     plan = path if path.suffix == ".plan" else bundle_dir / (manifest.plan or PLAN_NAME)
@@ -476,7 +477,8 @@ def parse_compare(text: str) -> list[str]:
 
 
 def run_compare(opts: BenchOptions) -> dict:
-    from dtk.runtime.bench import comparison_rows, format_system, format_table, system_info
+    from dtk.runtime.bench import comparison_rows, format_table
+    from dtk.runtime.system import format_system, system_info
 
     if opts.backend != "auto":
         raise DtkError("--compare chooses the backends itself; drop --backend")

@@ -6,6 +6,8 @@ import time
 
 import click
 
+from dtk.cli.engine_options import engine_options, engine_options_from_flags
+
 
 def parse_batch(value: str):
     """ "N" (fixed), "MIN:MAX" or "MIN:OPT:MAX" → int or tuple."""
@@ -111,26 +113,7 @@ def parse_batch(value: str):
     is_flag=True,
     help="Also build unet.plan with TensorRT on this machine's GPU (as `dtk build-engine`).",
 )
-@click.option(
-    "--workspace",
-    type=click.IntRange(min=1),
-    metavar="MiB",
-    help="Engine: cap TensorRT's scratch memory (small Jetson boards).",
-)
-@click.option(
-    "--timing-cache",
-    type=click.Path(dir_okay=False, path_type=str),
-    help="Engine: reuse this timing cache and write it back.",
-)
-@click.option(
-    "--opt-level", type=click.IntRange(0, 5), help="Engine: builder optimization level (default 3)."
-)
-@click.option("--hardware-compat", is_flag=True, help="Engine: one plan for every Ampere-or-newer GPU.")
-@click.option("--version-compat", is_flag=True, help="Engine: let later TensorRT versions load the plan.")
-@click.option("--strongly-typed", is_flag=True, help="Engine: TensorRT 10 builds strongly typed, as 11 does.")
-@click.option(
-    "--device", type=click.IntRange(min=0), default=0, show_default=True, help="Engine: GPU to build on."
-)
+@engine_options(prefix="Engine: ")
 @click.option(
     "--triton",
     "triton_dir",
@@ -180,13 +163,6 @@ def command(
     external_data,
     exporter,
     engine,
-    workspace,
-    timing_cache,
-    opt_level,
-    hardware_compat,
-    version_compat,
-    strongly_typed,
-    device,
     triton_dir,
     triton_name,
     triton_model,
@@ -194,6 +170,7 @@ def command(
     triton_instances,
     no_triton_warmup,
     no_progress,
+    **engine_flags,
 ):
     """Export SOURCE — a dtk checkpoint (model.pt) or a diffusers UNet2DModel folder — to a bundle: unet.onnx
     and dtk.json.
@@ -241,18 +218,7 @@ def command(
     )
 
     if engine:
-        _build_engine(
-            out,
-            precision,
-            workspace,
-            timing_cache,
-            opt_level,
-            hardware_compat,
-            version_compat,
-            strongly_typed,
-            device,
-            not no_progress,
-        )
+        _build_engine(out, precision, engine_flags, not no_progress)
     if triton_dir:
         from dtk.export.triton import TritonOptions, write_triton_repository
 
@@ -270,33 +236,13 @@ def command(
         click.echo(f"wrote Triton model {model_dir} (config.pbtxt, {next((model_dir / '1').iterdir()).name})")
 
 
-def _build_engine(
-    out,
-    precision,
-    workspace,
-    timing_cache,
-    opt_level,
-    hardware_compat,
-    version_compat,
-    strongly_typed,
-    device,
-    progress,
-) -> None:
+def _build_engine(out, precision, engine_flags: dict, progress) -> None:
     from dtk.runtime.errors import DtkError
 
     try:
-        from dtk.export.tensorrt import EngineOptions, build_engine
+        from dtk.export.tensorrt import build_engine
 
-        options = EngineOptions(
-            precision=precision,
-            workspace=workspace,
-            timing_cache=timing_cache,
-            opt_level=opt_level,
-            hardware_compat="ampere+" if hardware_compat else "none",
-            version_compat=version_compat,
-            strongly_typed=strongly_typed,
-            device=device,
-        )
+        options = engine_options_from_flags(precision=precision, **engine_flags)
         plan = build_engine(out, options, progress=progress)
     except DtkError as e:
         raise DtkError(
