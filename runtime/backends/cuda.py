@@ -36,21 +36,25 @@ MAX_BLOCKS = 65535
 #   x0 = p*x + q*out;  x0 = clip(x0, -clip, clip) if clip > 0
 #   x_next = a*x + b*out + c*x0 + d*x0_prev + e*noise
 # in place: x <- x_next, x0_prev <- x0. The coefficients come from a device buffer, so a captured CUDA graph
-# replays every step with that step's numbers. The clamp keeps NaN as NaN, like numpy's clip.
+# replays every step with that step's numbers. The clamp keeps NaN as NaN, like numpy's clip. Terms whose
+# coefficient is zero are left out, as the host update leaves them out (so a NaN there does not propagate).
 UPDATE_KERNEL_SOURCE = r"""
+__host__ __device__ inline float dtk_add_term(float total, float coefficient, float value)
+{
+    return coefficient != 0.0f ? total + coefficient * value : total;
+}
+
 __host__ __device__ inline void dtk_update_element(
     float x, float out, float x0_prev, float noise, const float* coeffs, float* x_next, float* x0)
 {
     const float p = coeffs[0], q = coeffs[1], a = coeffs[2], b = coeffs[3];
     const float c = coeffs[4], d = coeffs[5], e = coeffs[6], clip = coeffs[7];
-    float v = p * x + q * out;
+    float v = dtk_add_term(dtk_add_term(0.0f, p, x), q, out);
     if (clip > 0.0f) {
         v = v < -clip ? -clip : (v > clip ? clip : v);
     }
-    float next = a * x + b * out + c * v + d * x0_prev;
-    if (e != 0.0f) {
-        next += e * noise;
-    }
+    float next = dtk_add_term(dtk_add_term(0.0f, a, x), b, out);
+    next = dtk_add_term(dtk_add_term(dtk_add_term(next, c, v), d, x0_prev), e, noise);
     *x_next = next;
     *x0 = v;
 }
