@@ -15,13 +15,13 @@ def sample_loop(
     denoise(x, t) → model output for the whole batch at integer timestep t (the caller broadcasts t);
     noise(i) → fresh standard normal noise like x, called only for steps with plan.needs_noise[i];
     callback(i, t, x) after each step."""
-    needs_noise = plan.needs_noise
-    if noise is None and needs_noise.any():
-        raise ValueError(f"{plan.name} adds noise on {int(needs_noise.sum())} steps: pass a noise source")
+    needs_noise = plan.needs_noise.tolist()  # plain Python values: the loop runs per step, on small arrays
+    if noise is None and any(needs_noise):
+        raise ValueError(f"{plan.name} adds noise on {sum(needs_noise)} steps: pass a noise source")
     x0_prev = _zeros_like(x)
-    for i, t in enumerate(plan.timesteps.tolist()):
+    for i, (t, row) in enumerate(zip(plan.timesteps.tolist(), plan.coeffs.tolist(), strict=True)):
         out = denoise(x, t)
-        x, x0_prev = update(plan.coeffs[i], x, out, x0_prev, noise(i) if needs_noise[i] else None, plan.clip)
+        x, x0_prev = update(row, x, out, x0_prev, noise(i) if needs_noise[i] else None, plan.clip)
         if callback is not None:
             callback(i, t, x)
     return x
