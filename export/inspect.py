@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from dtk.runtime.errors import file_error
+from dtk.runtime.errors import DtkError, file_error
 from dtk.runtime.files import sha256
 from dtk.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
 
@@ -133,9 +133,21 @@ def describe_plan(path: Path) -> dict:
     }
     actual = info["files"][0]["sha256"]
     info["plan_matches_sidecar"] = actual == sidecar.plan_sha256
+    info["runs_here"] = _runs_here(sidecar)
     if (path.parent / MANIFEST_NAME).is_file():
         info["bundle"] = str(path.parent)
     return info
+
+
+def _runs_here(sidecar) -> str:
+    """Whether this machine's TensorRT and GPU may load the plan, as the runtime would judge it."""
+    from dtk.runtime.sidecar import compatibility_problems, current_target
+
+    try:
+        problems = compatibility_problems(sidecar, current_target())
+    except DtkError as e:  # no TensorRT or no GPU here
+        return f"cannot tell: {e}"
+    return "yes" if not problems else "no: " + "; ".join(problems)
 
 
 def _sidecar_summary(plan: Path, sidecar=None) -> dict:

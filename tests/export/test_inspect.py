@@ -103,3 +103,27 @@ def test_other_paths(tmp_path):
         describe(tmp_path / "notes.txt")
     with pytest.raises(DtkError, match="no dtk manifest here"):
         describe(tmp_path)
+
+
+def test_plan_says_whether_it_runs_here(tmp_path, monkeypatch):
+    from dtk.runtime import sidecar as sidecar_module
+    from dtk.runtime.sidecar import Target
+
+    plan = tmp_path / "unet.plan"
+    plan.write_bytes(b"serialized engine")
+    PlanSidecar(
+        tensorrt_version="10.3.0",
+        gpu_name="Orin",
+        compute_capability=(8, 7),
+        precision="fp16",
+        profiles=[],
+        onnx_sha256="ab" * 32,
+        plan_sha256=hashlib.sha256(b"serialized engine").hexdigest(),
+    ).save(plan)
+    assert describe(plan)["runs_here"].startswith("cannot tell: ")  # no TensorRT on this machine
+    monkeypatch.setattr(sidecar_module, "current_target", lambda device=0: Target("10.3.0", "Orin", (8, 7)))
+    assert describe(plan)["runs_here"] == "yes"
+    monkeypatch.setattr(sidecar_module, "current_target", lambda device=0: Target("10.8.0", "H200", (9, 0)))
+    verdict = describe(plan)["runs_here"]
+    assert verdict.startswith("no: built with TensorRT 10.3.0, this machine has TensorRT 10.8.0")
+    assert "this GPU is H200 (sm_90)" in verdict
