@@ -2,11 +2,18 @@
 
 Image k of a run draws from `np.random.Generator(np.random.PCG64([seed, k]))`: first its initial latent, then
 one [C, H, W] standard normal per noisy step. Splitting a run into batches (`first_index`) or changing the
-backend does not change which numbers an image gets."""
+backend does not change which numbers an image gets.
+
+Step noise is drawn a block of steps at a time: one draw of [K, C, H, W] gives exactly the numbers of K draws
+of [C, H, W], and a generator called between network evaluations runs with cold caches (about 20 µs a call
+on small images, against 3 µs hot). Draws past the run's last step are simply never used."""
 
 from __future__ import annotations
 
 import numpy as np
+
+BLOCK_BYTES = 4 << 20  # step noise drawn ahead, over all images of the batch
+MAX_BLOCK_STEPS = 32
 
 
 class NoiseSource:
@@ -16,6 +23,8 @@ class NoiseSource:
         self.seed = int(seed)
         self.first_index = int(first_index)
         self._generators: list[np.random.Generator] = []
+        self._block: np.ndarray | None = None  # [num, K, C, H, W] drawn ahead
+        self._next = 0
 
     def initial(self, num: int, shape_chw) -> np.ndarray:
         """float32 [num, C, H, W]: the starting latents of images first_index .. first_index + num − 1."""
@@ -34,10 +43,19 @@ class NoiseSource:
             raise RuntimeError(
                 f"NoiseSource.step({num}) after initial({len(self._generators)}): same images only"
             )
-        return self._draw(shape_chw)
+        shape = tuple(int(s) for s in shape_chw)
+        if self._block is not None and self._block.shape[2:] != shape:
+            raise RuntimeError(f"NoiseSource.step: shape {shape} after {self._block.shape[2:]}")
+        if self._block is None or self._next == self._block.shape[1]:
+            step_bytes = 4 * num * int(np.prod(shape))
+            steps_ahead = max(1, min(MAX_BLOCK_STEPS, BLOCK_BYTES // step_bytes))
+            self._block = self._draw((steps_ahead, *shape))
+            self._next = 0
+        self._next += 1
+        return np.ascontiguousarray(self._block[:, self._next - 1])
 
-    def _draw(self, shape_chw) -> np.ndarray:
-        noise = np.empty((len(self._generators), *(int(s) for s in shape_chw)), dtype=np.float32)
+    def _draw(self, shape) -> np.ndarray:
+        noise = np.empty((len(self._generators), *(int(s) for s in shape)), dtype=np.float32)
         for generator, image in zip(self._generators, noise, strict=True):
             generator.standard_normal(dtype=np.float32, out=image)
         return noise

@@ -80,3 +80,20 @@ def test_misuse_is_refused():
         source.step(3, SHAPE)
     with pytest.raises(RuntimeError, match="already called"):
         source.initial(2, SHAPE)
+
+
+def test_step_noise_drawn_ahead_equals_one_draw_per_step(monkeypatch):
+    """Blocks of steps are drawn at once; the numbers must be those of one [C, H, W] draw per step."""
+    from dtk.runtime.samplers import noise as noise_module
+
+    monkeypatch.setattr(noise_module, "MAX_BLOCK_STEPS", 3)  # cross several block boundaries
+    shape = (2, 5, 3)
+    source = noise_module.NoiseSource(seed=7, first_index=4)
+    source.initial(2, shape)
+    drawn = [source.step(2, shape) for _ in range(8)]
+    for k in range(2):
+        generator = np.random.Generator(np.random.PCG64([7, 4 + k]))
+        generator.standard_normal(shape, dtype=np.float32)  # the initial latent
+        for step in drawn:
+            np.testing.assert_array_equal(step[k], generator.standard_normal(shape, dtype=np.float32))
+    assert all(step.flags.c_contiguous and step.shape == (2, *shape) for step in drawn)
