@@ -69,8 +69,9 @@ def test_truncated_onnx(tiny_bundle, tmp_path):
         describe(broken)
 
 
-def test_plan_with_sidecar(tmp_path):
-    plan = tmp_path / "unet.plan"
+def _orin_plan(folder):
+    """A plan file with the sidecar of a TensorRT 10.3 build on a Jetson Orin (sm_87)."""
+    plan = folder / "unet.plan"
     plan.write_bytes(b"serialized engine")
     PlanSidecar(
         tensorrt_version="10.3.0",
@@ -81,6 +82,11 @@ def test_plan_with_sidecar(tmp_path):
         onnx_sha256="ab" * 32,
         plan_sha256=hashlib.sha256(b"serialized engine").hexdigest(),
     ).save(plan)
+    return plan
+
+
+def test_plan_with_sidecar(tmp_path):
+    plan = _orin_plan(tmp_path)
     info = describe(plan)
     assert info["kind"] == "tensorrt plan" and info["tensorrt_version"] == "10.3.0"
     assert info["gpu"] == "Orin (sm_87)" and info["precision"] == "fp16"
@@ -109,17 +115,7 @@ def test_plan_says_whether_it_runs_here(tmp_path, monkeypatch):
     from dtk.runtime import sidecar as sidecar_module
     from dtk.runtime.sidecar import Target
 
-    plan = tmp_path / "unet.plan"
-    plan.write_bytes(b"serialized engine")
-    PlanSidecar(
-        tensorrt_version="10.3.0",
-        gpu_name="Orin",
-        compute_capability=(8, 7),
-        precision="fp16",
-        profiles=[],
-        onnx_sha256="ab" * 32,
-        plan_sha256=hashlib.sha256(b"serialized engine").hexdigest(),
-    ).save(plan)
+    plan = _orin_plan(tmp_path)
     assert describe(plan)["runs_here"].startswith("cannot tell: ")  # no TensorRT on this machine
     monkeypatch.setattr(sidecar_module, "current_target", lambda device=0: Target("10.3.0", "Orin", (8, 7)))
     assert describe(plan)["runs_here"] == "yes"
