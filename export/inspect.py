@@ -57,7 +57,7 @@ def describe_bundle(bundle: Path) -> dict:
 
 def schedule_summary(manifest: Manifest) -> dict:
     diffusion = manifest.diffusion
-    alphas_cumprod = manifest.diffusion.alphas_cumprod
+    alphas_cumprod = diffusion.alphas_cumprod
     return {
         "beta_schedule": diffusion.beta_schedule,
         "num_train_timesteps": diffusion.num_train_timesteps,
@@ -201,18 +201,19 @@ def _file_entry(path: Path) -> dict:
 
 def _bundle_files(bundle: Path, manifest: Manifest) -> list[dict]:
     """Every file of the bundle with size and hash; ONNX hashes checked against the export's."""
+    if not (bundle / manifest.onnx).is_file():
+        raise file_error(bundle, f"the manifest names {manifest.onnx}, which is missing")
+    recorded_hashes = {
+        manifest.onnx: manifest.export.get("onnx_sha256"),
+        manifest.export.get("onnx_data"): manifest.export.get("onnx_data_sha256"),
+    }
     files = []
     for name in sorted(p.name for p in bundle.iterdir() if p.is_file()):
         entry = _file_entry(bundle / name)
-        recorded = {
-            manifest.onnx: manifest.export.get("onnx_sha256"),
-            manifest.export.get("onnx_data"): manifest.export.get("onnx_data_sha256"),
-        }.get(name)
+        recorded = recorded_hashes.get(name)
         if recorded:
             entry["matches_export"] = recorded == entry["sha256"]
         files.append(entry)
-    if not (bundle / manifest.onnx).is_file():
-        raise file_error(bundle, f"the manifest names {manifest.onnx}, which is missing")
     return files
 
 

@@ -2,7 +2,7 @@
 
 Torch-free. The timing functions take a plain callable, so every backend (ONNX Runtime, TensorRT, the PyTorch
 reference in `dtk.cli.bench`) is measured by the same code. `dtk.runtime.system` names the machine behind a
-figure; its public names are re-exported here.
+figure.
 """
 
 from __future__ import annotations
@@ -15,18 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from dtk.runtime.errors import DtkError
-from dtk.runtime.system import (  # noqa: F401 (re-exported: the machine used to be described here)
-    DISTRIBUTIONS,
-    cpu_info,
-    format_system,
-    gpu_info,
-    jetson_info,
-    machine_name,
-    package_versions,
-    parse_nvidia_smi,
-    parse_nvpmodel,
-    system_info,
-)
+from dtk.runtime.system import format_system
 
 PERCENTILES = (50, 90, 95, 99)
 

@@ -106,14 +106,15 @@ class Pipeline:
         # without a listener no step callback at all: a device chain would copy x back for it
         step_callback = on_step if callback is not None or bar is not None else None
         run_chain = getattr(self.denoiser, "run_chain", None)
+        shape = self.sample_shape
         images = []
         try:
             for first, keep, run in chunks:
                 source = NoiseSource(seed, first_index=first)
-                x = source.initial(run, self.sample_shape)
+                x = source.initial(run, shape)
 
                 def noise(i, source=source, run=run):
-                    return source.step(run, self.sample_shape)
+                    return source.step(run, shape)
 
                 if run_chain is not None:
                     x = run_chain(plan, x, noise, step_callback)

@@ -92,10 +92,3 @@ def check_in_sync(ctx: Context, model: torch.nn.Module, device: torch.device) ->
     for rank, other in enumerate(gathered):
         if not torch.equal(other, gathered[0]):
             raise DtkError(f"distributed training diverged: rank {rank}'s weights differ from rank 0's")
-
-
-def barrier(ctx: Context) -> None:
-    if ctx.distributed:
-        import torch.distributed as dist
-
-        dist.barrier()

@@ -223,12 +223,13 @@ class OnnxRuntimeDenoiser(DenoiserBase):
         update.bind_ortvalue_input("noise", step_noise)  # left stale where e == 0: e * noise is then 0
         for name, value in zip(("clip_min", "clip_max"), bounds, strict=True):
             update.bind_ortvalue_input(name, value)
+        needs_noise = plan.needs_noise.tolist()  # a property computed from coeffs: once, not per step
         for i, t in enumerate(plan.timesteps.tolist()):
             current, following = i % 2, (i + 1) % 2
             unet.bind_ortvalue_input(self.sample_name, xs[current])
             unet.bind_ortvalue_input(self.timestep_name, timesteps[i])
             self.session.run_with_iobinding(unet)
-            if plan.needs_noise[i]:
+            if needs_noise[i]:
                 step_noise.update_inplace(np.ascontiguousarray(noise(i), dtype=np.float32))
             update.bind_ortvalue_input("x", xs[current])
             update.bind_ortvalue_input("x0_prev", x0s[current])

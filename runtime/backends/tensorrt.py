@@ -309,13 +309,17 @@ class TensorRTDenoiser(DenoiserBase):
         needs_noise = np.asarray(plan.needs_noise, dtype=bool)
         timesteps = np.asarray(plan.timesteps)
         graph = self._step_graph(kernel, batch) if self.cuda_graph else None
+        # the pinned staging buffers, viewed once: each step writes its inputs into them
+        timestep_host = self._host[self._timestep].array(self._dtype[self._timestep], batch)
+        coeffs_host = self._coeffs_host.array(np.float32)
+        noise_host = self._noise_host.array(np.float32, count)
         pending = self._draw(noise, 0, shape) if len(timesteps) and needs_noise[0] else None
         for i, t in enumerate(timesteps):
             session.synchronize()  # the previous step has read the pinned staging buffers
-            self._host[self._timestep].array(self._dtype[self._timestep], batch)[:] = t
-            self._coeffs_host.array(np.float32)[:] = (*coeffs[i], clip)
+            timestep_host[:] = t
+            coeffs_host[:] = (*coeffs[i], clip)
             if pending is not None:
-                self._noise_host.array(np.float32, count)[:] = pending.reshape(-1)
+                noise_host[:] = pending.reshape(-1)
             if graph is not None:
                 graph.launch()
             else:

@@ -13,6 +13,16 @@ from dtk.runtime import bench
 from dtk.runtime.errors import DtkError
 from dtk.runtime.samplers import NoiseSource, make_plan, sample_loop
 from dtk.runtime.schedule import DiffusionConfig
+from dtk.runtime.system import (
+    cpu_info,
+    format_system,
+    gpu_info,
+    jetson_info,
+    machine_name,
+    parse_nvidia_smi,
+    parse_nvpmodel,
+    system_info,
+)
 
 
 class FakeClock:
@@ -249,7 +259,7 @@ def test_cpu_info_reads_model_and_memory(tmp_path):
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc/cpuinfo").write_text(CPUINFO)
     (tmp_path / "proc/meminfo").write_text(MEMINFO)
-    info = bench.cpu_info(tmp_path)
+    info = cpu_info(tmp_path)
     assert info["model"] == "AMD EPYC 9654 96-Core Processor"
     assert info["memory_gib"] == 23.5
     assert info["usable_cores"] >= 1
@@ -258,7 +268,7 @@ def test_cpu_info_reads_model_and_memory(tmp_path):
 def test_parse_nvidia_smi():
     csv = "NVIDIA H100 80GB HBM3, 550.54.15, 81559, 9.0\nNVIDIA L4, 550.54.15, 23034, 8.9\n"
     banner = "| NVIDIA-SMI 550.54.15    Driver Version: 550.54.15    CUDA Version: 12.4     |"
-    gpus = bench.parse_nvidia_smi(csv, banner)
+    gpus = parse_nvidia_smi(csv, banner)
     assert gpus[0] == {
         "name": "NVIDIA H100 80GB HBM3",
         "driver": "550.54.15",
@@ -278,7 +288,7 @@ def test_gpu_info_falls_back_when_compute_cap_is_unknown():
             return None  # an old driver refuses the field
         return "Tesla T4, 470.82.01, 15109\n" if len(cmd) > 1 else "CUDA Version: 11.4"
 
-    gpus = bench.gpu_info(run)
+    gpus = gpu_info(run)
     assert gpus == [{"name": "Tesla T4", "driver": "470.82.01", "cuda": "11.4", "memory_mib": 15109}]
     assert len(asked) == 3
 
@@ -293,7 +303,7 @@ def test_gpu_info_falls_back_when_compute_cap_is_unknown():
     ],
 )
 def test_parse_nvpmodel(text, expected):
-    assert bench.parse_nvpmodel(text) == expected
+    assert parse_nvpmodel(text) == expected
 
 
 def _fake_jetson(root):
@@ -320,7 +330,7 @@ def test_jetson_info_reads_power_mode_and_clocks(tmp_path):
     def run(cmd):
         return "NV Power Mode: MAXN\n0\n" if cmd == ["nvpmodel", "-q"] else None
 
-    info = bench.jetson_info(tmp_path, run)
+    info = jetson_info(tmp_path, run)
     assert info == {
         "model": "NVIDIA Jetson AGX Orin Developer Kit",
         "l4t": "R36.4.0",
@@ -337,19 +347,19 @@ def test_jetson_info_reads_power_mode_and_clocks(tmp_path):
         "jetson": info,
         "versions": {"tensorrt": "10.3.0"},
     }
-    rows = dict(bench.format_system(system))
+    rows = dict(format_system(system))
     assert rows["jetson"] == "NVIDIA Jetson AGX Orin Developer Kit, L4T R36.4.0, power mode MAXN (0)"
     assert rows["clocks"] == "CPU 2201 MHz ×2, GPU 1300 MHz (max 1300)"
-    assert bench.machine_name(system) == "jetson-nvidia-jetson-agx-orin-developer-kit"
+    assert machine_name(system) == "jetson-nvidia-jetson-agx-orin-developer-kit"
 
 
 def test_jetson_info_is_none_elsewhere(tmp_path):
-    assert bench.jetson_info(tmp_path, lambda cmd: None) is None
+    assert jetson_info(tmp_path, lambda cmd: None) is None
 
 
 def test_system_info_reads_versions_without_importing_torch():
     code = (
-        "import json, sys; from dtk.runtime.bench import system_info; info = system_info(); "
+        "import json, sys; from dtk.runtime.system import system_info; info = system_info(); "
         "loaded = {m: m in sys.modules for m in ('torch', 'onnxruntime')}; "
         "print(json.dumps({'info': info, **loaded}))"
     )
@@ -375,7 +385,7 @@ def test_system_info_reads_versions_without_importing_torch():
     ],
 )
 def test_machine_name(system, name):
-    assert bench.machine_name(system) == name
+    assert machine_name(system) == name
 
 
 # --- reports ---
@@ -462,7 +472,7 @@ def test_bench_result_record_and_report():
             "per_step_ms": 6.0,
             "images_per_s": 66.7,
         },
-        system=bench.system_info(),
+        system=system_info(),
     )
     record = json.loads(json.dumps(result.to_dict()))
     assert record["latency_ms"] == {

@@ -7,19 +7,11 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from dtk.cli import main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two OpenMP threads on a busy 2-core machine make a tiny U-Net ~100× slower; one keeps tests fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _pixels(path) -> np.ndarray:

@@ -9,14 +9,7 @@ import torch
 from dtk.runtime.errors import DtkError
 from dtk.runtime.samplers import NoiseSource, make_plan, sample_loop
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two OpenMP threads on a busy 2-core machine make a tiny U-Net ~100× slower; one keeps tests fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -243,10 +243,7 @@ def profile(target: Target, opts: BenchOptions, device_call_ms: float | None) ->
 
 def resolve_inputs(opts: BenchOptions) -> tuple[Path | None, str]:
     """The bundle-side path (bundle dir, .onnx or .plan) and the backend to run; checks the flags agree."""
-    given = [p for p in (opts.source, opts.engine, opts.onnx) if p is not None]
-    if len(given) > 1:
-        raise DtkError("give one of BUNDLE, --engine and --onnx")
-    path = given[0] if given else None
+    path = _given_path(opts)
     backend = opts.backend
     implied = "tensorrt" if opts.engine else "onnxruntime" if opts.onnx else None
     if path is not None and path.suffix == ".plan":
@@ -267,6 +264,14 @@ def resolve_inputs(opts: BenchOptions) -> tuple[Path | None, str]:
     if opts.compile and backend != "torch":
         raise DtkError("--compile applies to the torch backend (--checkpoint model.pt)")
     return path, backend
+
+
+def _given_path(opts: BenchOptions) -> Path | None:
+    """The one of BUNDLE, --engine and --onnx given, or None."""
+    given = [p for p in (opts.source, opts.engine, opts.onnx) if p is not None]
+    if len(given) > 1:
+        raise DtkError("give one of BUNDLE, --engine and --onnx")
+    return given[0] if given else None
 
 
 def source_checkpoint(path: Path) -> Path | None:
@@ -483,10 +488,7 @@ def run_compare(opts: BenchOptions) -> dict:
     if opts.backend != "auto":
         raise DtkError("--compare chooses the backends itself; drop --backend")
     backends = parse_compare(opts.compare)
-    given = [p for p in (opts.source, opts.engine, opts.onnx) if p is not None]
-    if len(given) > 1:
-        raise DtkError("give one of BUNDLE, --engine and --onnx")
-    path = given[0] if given else None
+    path = _given_path(opts)
     if path is not None and not path.exists():
         raise file_error(path, "no such file or directory")
 

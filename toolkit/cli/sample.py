@@ -111,21 +111,12 @@ def _backend_options(path: Path, backend: str, device: str) -> tuple[str, dict]:
         raise DtkError(f"unknown device {device!r} for a bundle; use auto, cpu, cuda or cuda:N")
     index = int(index or 0)
     if backend == "auto":
-        backend = "tensorrt" if _has_usable_plan(path) else "onnxruntime"
+        from dtk.runtime.pipeline import choose_backend
+
+        backend = choose_backend(path)[0]
     if backend == "tensorrt":
         return backend, {"device": index}
     return backend, {"providers": ["cuda"], "device_id": index}
-
-
-def _has_usable_plan(path: Path) -> bool:
-    from dtk.runtime.manifest import resolve_bundle
-    from dtk.runtime.pipeline import tensorrt_usable
-
-    if path.suffix == ".plan":
-        return True
-    bundle_dir, manifest = resolve_bundle(path)
-    has_plan = path.suffix != ".onnx" and manifest.plan and (bundle_dir / manifest.plan).is_file()
-    return bool(has_plan) and tensorrt_usable()
 
 
 def write_outputs(result: SampleResult, options: SampleOptions) -> list[Path]:
