@@ -163,7 +163,8 @@ def test_the_sample_stays_on_the_device_between_steps(tmp_path, gpu):
         want += ["H2D", "H2D"] + ["H2D"] * needs_noise + ["engine", "update"]
     assert gpu.log == want + ["D2H"]  # x comes back once, at the end
     assert [launch["n"] for launch in gpu.launches] == [2 * 64] * 5
-    assert all(launch["block"] == (256, 1, 1) and launch["grid"] == (1, 1, 1) for launch in gpu.launches)
+    # the grid is (blocks per image, images): one block covers an image of 64
+    assert all(launch["block"] == (256, 1, 1) and launch["grid"] == (1, 2, 1) for launch in gpu.launches)
 
 
 def test_a_cuda_graph_is_captured_once_per_batch_and_replayed(tmp_path, gpu):
