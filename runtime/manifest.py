@@ -52,6 +52,7 @@ class Manifest:
     opset: int = 18
     onnx: str = ONNX_NAME
     plan: str | None = None
+    scheduler_config: str | None = None  # diffusers' scheduler_config.json for the bundle's default sampler
     parity: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)  # kind, path, sha256
     model: dict = field(default_factory=dict)  # architecture config and parameter count, informative
@@ -85,7 +86,7 @@ class Manifest:
                 "batch": dict(self.batch),
             },
             "diffusion": {**self.diffusion.to_dict(), "betas": [float(b) for b in self.betas]},
-            "files": {"onnx": self.onnx, "plan": self.plan},
+            "files": {"onnx": self.onnx, "plan": self.plan, "scheduler_config": self.scheduler_config},
             "precision": self.precision,
             "opset": self.opset,
             "parity": self.parity,
@@ -151,6 +152,7 @@ def _parse(data, where: str) -> Manifest:
             opset=int(data["opset"]),
             onnx=files["onnx"],
             plan=files.get("plan"),
+            scheduler_config=files.get("scheduler_config"),
             parity=data.get("parity", {}),
             source=data.get("source", {}),
             model=data.get("model", {}),

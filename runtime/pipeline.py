@@ -76,7 +76,7 @@ class Pipeline:
         self,
         num: int = 1,
         steps: int = 50,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         seed: int = 0,
         eta: float = 0.0,
         callback=None,
@@ -90,6 +90,7 @@ class Pipeline:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise DtkError(f"seed must be a non-negative integer, got {seed!r}")
         plan = self.plan(sampler, steps, eta)
+        sampler = plan.name
         chunks = self.chunks(num, batch_size)
         total = len(chunks) * plan.steps
         bar = _progress_bar(total, sampler) if progress else None
@@ -126,10 +127,19 @@ class Pipeline:
                 bar.close()
         return np.concatenate(images)
 
-    def plan(self, sampler: str, steps: int, eta: float = 0.0):
-        """The sampler's plan on this bundle's schedule, made once per (sampler, steps, eta)."""
+    @property
+    def default_sampler(self) -> str:
+        """The bundle's sampler (set by a diffusers scheduler class at export), else dtk's default."""
+        from dtk.runtime.schedule import DEFAULT_SAMPLER
+
+        return self.manifest.diffusion.sampler or DEFAULT_SAMPLER
+
+    def plan(self, sampler: str | None, steps: int, eta: float = 0.0):
+        """The sampler's plan on this bundle's schedule (None: its default sampler), made once per
+        (sampler, steps, eta)."""
         from dtk.runtime.samplers import make_plan
 
+        sampler = sampler or self.default_sampler
         key = (sampler, steps, eta)
         if key not in self._plans:
             self._plans[key] = make_plan(sampler, self.manifest.diffusion, steps, eta=eta)
@@ -142,7 +152,7 @@ class Pipeline:
         self,
         num: int = 1,
         steps: int = 50,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         seed: int = 0,
         eta: float = 0.0,
         callback=None,

@@ -21,6 +21,7 @@ BETA_SCHEDULES = ("linear", "cosine", "scaled_linear")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 SAMPLERS = ("ddpm", "ddim", "dpmpp-2m", "dpmpp-2m-sde", "dpmpp-3m", "unipc", "euler", "euler-ancestral")
+DEFAULT_SAMPLER = "ddim"  # for a bundle or checkpoint whose config names none
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 SOLVER_TYPES = (
     "midpoint",
@@ -173,7 +174,8 @@ class DiffusionConfig:
             if key in data:
                 value = data.pop(key)
                 if not any(value is v or (v is not None and value == v) for v in inert):
-                    raise DtkError(f"{key}={value!r} is not supported by dtk's samplers")
+                    shown = f"a list of {len(value)}" if isinstance(value, list) else repr(value)
+                    raise DtkError(f"{key} ({shown}) is not supported by dtk's samplers")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(str(k) for k in data if k not in names)
         if unknown:

@@ -10,6 +10,7 @@ import click
 
 from dtk.runtime.errors import DtkError, file_error
 from dtk.runtime.samplers import SAMPLERS
+from dtk.runtime.schedule import DEFAULT_SAMPLER
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 RUNTIME_SUFFIXES = (".onnx", ".plan")
@@ -22,7 +23,7 @@ class SampleOptions:
     path: Path
     num: int = 16
     steps: int = 50
-    sampler: str = "ddim"
+    sampler: str | None = None  # None: the bundle's or checkpoint's default sampler
     eta: float = 0.0
     seed: int = 0
     out: Path = Path("samples.png")
@@ -40,6 +41,7 @@ class SampleResult:
     images: object  # uint8 [N, H, W, C]
     backend: str
     seconds: float  # sampling only, not loading
+    sampler: str = ""
 
 
 def sample(options: SampleOptions) -> SampleResult:
@@ -62,12 +64,13 @@ def _sample_checkpoint(path: Path, options: SampleOptions) -> SampleResult:
     from dtk.runtime.images import to_uint8
 
     ckpt = load_checkpoint(path)
+    sampler = options.sampler or ckpt.diffusion.sampler or DEFAULT_SAMPLER
     start = time.perf_counter()
     latents = sample_checkpoint(
         ckpt,
         num=options.num,
         steps=options.steps,
-        sampler=options.sampler,
+        sampler=sampler,
         seed=options.seed,
         eta=options.eta,
         device=options.device,
@@ -75,7 +78,7 @@ def _sample_checkpoint(path: Path, options: SampleOptions) -> SampleResult:
         progress=options.progress,
         weights=options.weights or "ema",
     )
-    return SampleResult(to_uint8(latents), "pytorch", time.perf_counter() - start)
+    return SampleResult(to_uint8(latents), "pytorch", time.perf_counter() - start, sampler)
 
 
 def _sample_runtime(path: Path, options: SampleOptions) -> SampleResult:
@@ -95,7 +98,8 @@ def _sample_runtime(path: Path, options: SampleOptions) -> SampleResult:
             batch_size=options.batch_size,
             progress=options.progress,
         )
-        return SampleResult(images, pipeline.backend, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return SampleResult(images, pipeline.backend, seconds, options.sampler or pipeline.default_sampler)
 
 
 def _backend_options(path: Path, backend: str, device: str) -> tuple[str, dict]:
@@ -134,7 +138,11 @@ def write_outputs(result: SampleResult, options: SampleOptions) -> list[Path]:
     "--num", "-n", type=click.IntRange(min=1), default=16, show_default=True, help="Images to sample."
 )
 @click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Sampler steps.")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default="ddim", show_default=True)
+@click.option(
+    "--sampler",
+    type=click.Choice(SAMPLERS),
+    help=f"[default: the bundle's, which a diffusers scheduler class sets; else {DEFAULT_SAMPLER}]",
+)
 @click.option("--eta", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True, help="DDIM's η.")
 @click.option(
     "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Same seed, same images."
@@ -167,7 +175,7 @@ def command(**flags):
     result = sample(options)
     written = write_outputs(result, options)
     click.echo(
-        f"wrote {written[0]}: {len(result.images)} images, {options.steps} {options.sampler} steps "
+        f"wrote {written[0]}: {len(result.images)} images, {options.steps} {result.sampler} steps "
         f"on {result.backend} in {result.seconds:.2f} s"
     )
     if options.images_dir is not None:
