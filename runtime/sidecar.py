@@ -285,3 +285,29 @@ def check_plan(plan_path: str | Path, device: int = 0) -> PlanSidecar:
     sidecar = load_sidecar(plan_path)
     check_sidecar(sidecar, current_target(device), plan_path)
     return sidecar
+
+
+def bundle_plans(bundle_dir: str | Path, preferred: str | None = None) -> list[Path]:
+    """The bundle's plans that have a sidecar: the manifest's own first, then `unet-<name>.plan` by name."""
+    bundle_dir = Path(bundle_dir)
+    found = sorted(p for p in bundle_dir.glob("unet*.plan") if sidecar_path(p).is_file())
+    found.sort(key=lambda p: p.name != preferred)
+    return found
+
+
+def pick_plan(plans: list[Path], target: Target) -> tuple[Path, str]:
+    """The first plan whose sidecar lets `target` run it, and a line saying which was taken and why; a
+    DtkError naming every plan's problem when none fits."""
+    problems = {}
+    for plan in plans:
+        sidecar = load_sidecar(plan)
+        found = compatibility_problems(sidecar, target)
+        if not found:
+            return plan, (
+                f"using engine {plan.name} of {len(plans)}: built for {sidecar.gpu_name} ({sidecar.sm}), "
+                f"{sidecar.precision}, TensorRT {sidecar.tensorrt_version}"
+            )
+        problems[plan.name] = "; ".join(found)
+    listed = " | ".join(f"{name}: {why}" for name, why in problems.items())
+    where = plans[0].parent if plans else "the bundle"
+    raise file_error(where, f"no engine here runs on this machine ({listed}); {rebuild_hint(plans[0])}")
