@@ -7,6 +7,7 @@ passed onnx.checker and the parity check, so a failed or interrupted export leav
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from dtk.runtime.manifest import (
 )
 
 PLAN_SUFFIX = ".plan"
+ENGINE_FILE = re.compile(r"unet(-[a-z0-9][a-z0-9._-]*)?\.plan(\.json)?")  # dtk build-engine [--engine-name]
+LEFTOVER_PREFIXES = (".engine-check-",)  # build-engine's scratch folder
 ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}
 
 
@@ -249,7 +252,7 @@ def check_replaceable(out_dir: Path, force: bool = False) -> None:
             out_dir, "exists and is not a dtk bundle; refusing to replace it (choose another -o)"
         )
     owned = owned_files(out_dir)
-    foreign = [n for n in entries if n not in owned or _is_real_dir(out_dir / n)]
+    foreign = [n for n in entries if not _owned(n, owned, out_dir)]
     if foreign:
         raise file_error(
             out_dir,
@@ -263,6 +266,17 @@ def check_replaceable(out_dir: Path, force: bool = False) -> None:
             f"holds a TensorRT engine that this export would delete ({_listing(plans)}); "
             "pass --force to replace it, or choose another -o",
         )
+
+
+def _owned(name: str, owned: set[str], out_dir: Path) -> bool:
+    """A file dtk writes in a bundle (the manifest's, or an engine `unet[-NAME].plan[.json]`), or what a
+    killed dtk writer left there (`.unet.plan.lock`, `.dtk.json.x.partial`, `.engine-check-x/`)."""
+    if name.startswith(LEFTOVER_PREFIXES) or any(
+        name == f".{base}.lock" or (name.startswith(f".{base}.") and name.endswith(".partial"))
+        for base in owned
+    ):
+        return True
+    return (name in owned or ENGINE_FILE.fullmatch(name) is not None) and not _is_real_dir(out_dir / name)
 
 
 def _is_real_dir(path: Path) -> bool:

@@ -57,12 +57,14 @@ def test_a_plan_is_not_deleted_without_force(tiny_bundle, tiny_checkpoint, tmp_p
     folder = _copy_bundle(tiny_bundle, tmp_path / "bundle")
     (folder / "unet.plan").write_bytes(b"engine built on the Orin")
     (folder / "unet.plan.json").write_text("{}")
+    (folder / "unet-orin-nx.plan").write_bytes(b"a second engine (build-engine --engine-name orin-nx)")
+    (folder / ".unet.plan.lock").write_bytes(b"")  # what a killed build-engine left: dtk's, not the user's
     before = _snapshot(folder)
     assert main(["export", str(tiny_checkpoint), "-o", str(folder), *EXPORT, "--batch", "3"]) == 1
     line = _one_error_line(capsys.readouterr().err)
     assert line == (
         f"error: {folder}: holds a TensorRT engine that this export would delete "
-        "(unet.plan, unet.plan.json); pass --force to replace it, or choose another -o"
+        "(unet-orin-nx.plan, unet.plan, unet.plan.json); pass --force to replace it, or choose another -o"
     )
     assert _snapshot(folder) == before
 
