@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import tempfile
 import time
 import warnings
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dtk.runtime.errors import DtkError
+from dtk.runtime.files import umask
 
 INPUT_NAMES = ("sample", "timestep")
 OUTPUT_NAME = "model_output"
@@ -145,6 +147,9 @@ def save_model(model, path: Path, external_data: bool) -> None:
     data.unlink(missing_ok=True)
     if external_data:
         onnx.save_model(model, str(path), save_as_external_data=True, location=data.name, size_threshold=1024)
+        os.chmod(
+            data, 0o666 & ~umask()
+        )  # onnx writes the weights file 0600; it follows the umask like the rest
     else:
         onnx.save_model(model, str(path))
 
