@@ -531,7 +531,7 @@ class FakeGpu:
             if not isinstance(buffer, bytes | bytearray):
                 raise TypeError(f"expected bytes, {type(buffer).__name__} found")
             assert len(buffer) >= len(data)
-            # Writing into a bytes object here would corrupt this test process (b" " * 1 is the interned b" "),
+            # Writing into bytes would corrupt this test process (b" " * 1 is the interned b" "),
             # so the fake stops where the real bindings would silently write.
             assert isinstance(buffer, bytearray), "NVRTC output written into an immutable bytes object"
             buffer[: len(data)] = data

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from dtk.runtime.errors import DtkError
-from dtk.runtime.manifest import load_manifest
 from dtk.runtime.samplers import SamplerPlan, sample_loop
 
 

@@ -1,6 +1,6 @@
-"""The TensorRT backend's lifecycle against the fakes: failures TensorRT and CUDA really produce, and teardown.
+"""The TensorRT backend's lifecycle against the fakes: failures TensorRT and CUDA really produce, teardown.
 
-Each test here pins a behaviour of the real APIs that the fake models (tests/runtime/fake_gpu.py): factories that
+Each test pins a behaviour of the real APIs that the fake models (tests/runtime/fake_gpu.py): factories that
 raise instead of returning None, per-thread current contexts, module-load errors, capture rules, shape state.
 """
 
@@ -217,7 +217,7 @@ def test_nvrtc_writes_into_bytearrays_only(monkeypatch):
     program = cuda.rtc("nvrtcCreateProgram", b"dtk_sampler_update", b"x.cu", 0, [], [])
     cuda.rtc("nvrtcCompileProgram", program, 1, [b"--gpu-architecture=sm_87"])
     assert _program_log(cuda, program) == ""  # a 1-byte log: just the NUL
-    assert b" " == bytes([32])
+    assert b" " == bytes([32])  # noqa: SIM300 (the interned literal is the point)
 
 
 def test_a_compile_error_shows_nvrtcs_log(monkeypatch):
