@@ -83,13 +83,17 @@ class Pipeline:
         callback=None,
         batch_size: int | None = None,
         progress: bool = False,
+        seeds=None,
     ) -> np.ndarray:
         """float32 [num, C, H, W] in the model's data range. `callback(done, total)` after every denoising
-        step, counted over all chunks; `progress` shows a tqdm bar on stderr."""
+        step, counted over all chunks; `progress` shows a tqdm bar on stderr. `seeds`, one per image,
+        replaces num and seed: image k is then what `num=1, seed=seeds[k]` gives (a server's requests)."""
         from dtk.runtime.samplers import NoiseSource, sample_loop
 
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise DtkError(f"seed must be a non-negative integer, got {seed!r}")
+        for value in [seed] if seeds is None else seeds:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise DtkError(f"seed must be a non-negative integer, got {value!r}")
+        num = num if seeds is None else len(seeds)
         plan = self.plan(sampler, steps, eta)
         chunks = self.chunks(num, batch_size)
         total = len(chunks) * plan.steps
@@ -111,7 +115,11 @@ class Pipeline:
         images = []
         try:
             for first, keep, run in chunks:
-                source = NoiseSource(seed, first_index=first)
+                if seeds is None:
+                    source = NoiseSource(seed, first_index=first)
+                else:  # a run padded past `keep` repeats the last seed; those images are dropped
+                    chunk = list(seeds[first : first + keep])
+                    source = NoiseSource.per_image(chunk + chunk[-1:] * (run - keep))
                 x = source.initial(run, shape)
 
                 def noise(i, source=source, run=run):
@@ -149,11 +157,13 @@ class Pipeline:
         callback=None,
         batch_size: int | None = None,
         progress: bool = False,
+        seeds=None,
     ) -> np.ndarray:
         """uint8 images [num, H, W, C]; the arguments are those of `sample_latents`."""
         from dtk.runtime.images import to_uint8
 
-        return to_uint8(self.sample_latents(num, steps, sampler, seed, eta, callback, batch_size, progress))
+        latents = self.sample_latents(num, steps, sampler, seed, eta, callback, batch_size, progress, seeds)
+        return to_uint8(latents)
 
     def close(self) -> None:
         self.denoiser.close()
