@@ -7,6 +7,7 @@ raise instead of returning None, per-thread current contexts, module-load errors
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 import threading
 from pathlib import Path
@@ -249,3 +250,19 @@ def test_a_version_compatible_plan_needs_host_code_allowed(tmp_path, monkeypatch
         assert denoiser._runtime.engine_host_code_allowed is True
         x = np.ones((1, 1, 8, 8), np.float32)
         np.testing.assert_array_equal(denoiser(x, 3), _fakes().fake_unet(x, np.full(1, 3.0)))
+
+
+def test_an_insufficient_driver_names_both_cuda_versions(monkeypatch):
+    """cuda-python 13 on JetPack 6's CUDA 12.6 driver: say which versions clash and what to install."""
+    from dtk.runtime.backends.cuda import gpu_info
+
+    _fakes().install(monkeypatch, _fakes().FakeGpu(driver=False, driver_version=12060))
+    with pytest.raises(DtkError) as caught:
+        gpu_info(0)
+    message = str(caught.value)
+    assert "cudaErrorInsufficientDriver" in message
+    assert re.search(
+        r"the NVIDIA driver supports CUDA 12\.6, these cuda-python bindings are [\d.]+ \(CUDA 13\.0\)",
+        message,
+    )
+    assert "pip install 'cuda-python>=12.6,<13'" in message and "dtk[jetson]" in message
