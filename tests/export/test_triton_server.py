@@ -157,6 +157,15 @@ def bad_requests():
             "eta applies to the ddim sampler only",
         ),
         ("negative seed", {"seed": (np.array([[-3]], dtype=np.int64), "INT64")}, None, "non-negative"),
+        (
+            "rows with different steps",
+            {
+                "seed": (np.array([[1], [2]], dtype=np.int64), "INT64"),
+                "steps": (np.array([[3], [4]], dtype=np.int32), "INT32"),
+            },
+            None,
+            "differs between the rows of one request",
+        ),
         ("unknown parameter", {"seed": seed}, {"sampler": "ddim", "step": "5"}, "unknown request parameter"),
         (
             "batch over max_batch_size",
