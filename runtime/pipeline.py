@@ -10,6 +10,7 @@ an image.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -195,12 +196,27 @@ def choose_backend(path, backend: str = "auto") -> tuple[str, Path, Path, Manife
     if backend == "auto":
         use_plan = plan_path is not None and (onnx_path is None or tensorrt_usable())
         backend = "tensorrt" if use_plan else "onnxruntime"
+    if backend == "tensorrt" and path.is_dir():
+        plan_path = _matching_plan(bundle_dir, manifest) or plan_path
     if backend == "tensorrt" and plan_path is None:
         raise file_error(path, "has no TensorRT plan; build one with `dtk build-engine BUNDLE`")
     if backend == "onnxruntime" and onnx_path is None:
         what = "is a TensorRT plan" if path.suffix == ".plan" else f"has no {manifest.onnx}"
         raise file_error(path, f"{what}; the onnxruntime backend needs the bundle's ONNX file")
     return backend, (plan_path if backend == "tensorrt" else onnx_path), bundle_dir, manifest
+
+
+def _matching_plan(bundle_dir: Path, manifest: Manifest) -> Path | None:
+    """With several engines in the bundle (one per GPU model or precision), the one this machine may run,
+    saying on stderr which was taken; None with one engine or none (the backend checks that one itself)."""
+    from dtk.runtime.sidecar import bundle_plans, current_target, pick_plan
+
+    plans = bundle_plans(bundle_dir, manifest.plan)
+    if len(plans) < 2:
+        return None
+    plan, line = pick_plan(plans, current_target())
+    print(line, file=sys.stderr)
+    return plan
 
 
 def tensorrt_usable() -> bool:
