@@ -8,9 +8,14 @@ DEMO := demo
 
 .PHONY: demo test lint format clean
 
+# The Triton server of the serve extra, without its dependencies: nvidia-pytriton pins numpy<2, which only
+# PyTriton's own Python API needs (the tritonserver binary does not); with them pip would downgrade numpy.
+PYTRITON := nvidia-pytriton==0.7.0
+
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps '$(PYTRITON)'
 	touch $(STAMP)
 
 # The main job, end to end: train (PyTorch) -> export (ONNX + parity table) -> sample (torch-free runtime) -> bench.

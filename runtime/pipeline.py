@@ -10,6 +10,7 @@ an image.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -82,13 +83,17 @@ class Pipeline:
         callback=None,
         batch_size: int | None = None,
         progress: bool = False,
+        seeds=None,
     ) -> np.ndarray:
         """float32 [num, C, H, W] in the model's data range. `callback(done, total)` after every denoising
-        step, counted over all chunks; `progress` shows a tqdm bar on stderr."""
+        step, counted over all chunks; `progress` shows a tqdm bar on stderr. `seeds`, one per image,
+        replaces num and seed: image k is then what `num=1, seed=seeds[k]` gives (a server's requests)."""
         from dtk.runtime.samplers import NoiseSource, sample_loop
 
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise DtkError(f"seed must be a non-negative integer, got {seed!r}")
+        for value in [seed] if seeds is None else seeds:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise DtkError(f"seed must be a non-negative integer, got {value!r}")
+        num = num if seeds is None else len(seeds)
         plan = self.plan(sampler, steps, eta)
         chunks = self.chunks(num, batch_size)
         total = len(chunks) * plan.steps
@@ -110,7 +115,11 @@ class Pipeline:
         images = []
         try:
             for first, keep, run in chunks:
-                source = NoiseSource(seed, first_index=first)
+                if seeds is None:
+                    source = NoiseSource(seed, first_index=first)
+                else:  # a run padded past `keep` repeats the last seed; those images are dropped
+                    chunk = list(seeds[first : first + keep])
+                    source = NoiseSource.per_image(chunk + chunk[-1:] * (run - keep))
                 x = source.initial(run, shape)
 
                 def noise(i, source=source, run=run):
@@ -148,11 +157,13 @@ class Pipeline:
         callback=None,
         batch_size: int | None = None,
         progress: bool = False,
+        seeds=None,
     ) -> np.ndarray:
         """uint8 images [num, H, W, C]; the arguments are those of `sample_latents`."""
         from dtk.runtime.images import to_uint8
 
-        return to_uint8(self.sample_latents(num, steps, sampler, seed, eta, callback, batch_size, progress))
+        latents = self.sample_latents(num, steps, sampler, seed, eta, callback, batch_size, progress, seeds)
+        return to_uint8(latents)
 
     def close(self) -> None:
         self.denoiser.close()
@@ -185,12 +196,27 @@ def choose_backend(path, backend: str = "auto") -> tuple[str, Path, Path, Manife
     if backend == "auto":
         use_plan = plan_path is not None and (onnx_path is None or tensorrt_usable())
         backend = "tensorrt" if use_plan else "onnxruntime"
+    if backend == "tensorrt" and path.is_dir():
+        plan_path = _matching_plan(bundle_dir, manifest) or plan_path
     if backend == "tensorrt" and plan_path is None:
         raise file_error(path, "has no TensorRT plan; build one with `dtk build-engine BUNDLE`")
     if backend == "onnxruntime" and onnx_path is None:
         what = "is a TensorRT plan" if path.suffix == ".plan" else f"has no {manifest.onnx}"
         raise file_error(path, f"{what}; the onnxruntime backend needs the bundle's ONNX file")
     return backend, (plan_path if backend == "tensorrt" else onnx_path), bundle_dir, manifest
+
+
+def _matching_plan(bundle_dir: Path, manifest: Manifest) -> Path | None:
+    """With several engines in the bundle (one per GPU model or precision), the one this machine may run,
+    saying on stderr which was taken; None with one engine or none (the backend checks that one itself)."""
+    from dtk.runtime.sidecar import bundle_plans, current_target, pick_plan
+
+    plans = bundle_plans(bundle_dir, manifest.plan)
+    if len(plans) < 2:
+        return None
+    plan, line = pick_plan(plans, current_target())
+    print(line, file=sys.stderr)
+    return plan
 
 
 def tensorrt_usable() -> bool:

@@ -72,12 +72,12 @@ def test_tensorrt10_takes_fp16_as_a_builder_flag_with_the_batch_profile(tmp_path
     bundle = _bundle(tmp_path, batch=(1, 2, 4), channels=3, size=8)
     plan = _build(bundle, precision="fp16", workspace=256, opt_level=5)
 
-    (build,) = trt10.builds
+    (build,) = trt10._builds
     config = build["config"]
     assert build["network_flags"] == 0  # weakly typed
-    assert trt10.BuilderFlag.FP16 in config.flags
-    assert trt10.BuilderFlag.TF32 in config.flags  # TensorRT's default, untouched for fp16
-    assert config.pool_limits == {trt10.MemoryPoolType.WORKSPACE: 256 * 2**20}
+    assert trt10.BuilderFlag.FP16 in config._flags
+    assert trt10.BuilderFlag.TF32 in config._flags  # TensorRT's default, untouched for fp16
+    assert config._pool_limits == {trt10.MemoryPoolType.WORKSPACE: 256 * 2**20}
     assert config.builder_optimization_level == 5
     assert config.hardware_compatibility_level == trt10.HardwareCompatibilityLevel.NONE
     assert build["profile"] == {
@@ -106,10 +106,10 @@ def test_tensorrt10_takes_fp16_as_a_builder_flag_with_the_batch_profile(tmp_path
 
 def test_tensorrt10_fp32_is_plain_fp32(tmp_path, trt10):
     _build(_bundle(tmp_path))
-    config = trt10.builds[0]["config"]
-    assert trt10.BuilderFlag.FP16 not in config.flags
-    assert trt10.BuilderFlag.TF32 not in config.flags  # cleared: fp32 parity with ONNX Runtime
-    assert config.pool_limits == {}  # no --workspace: TensorRT's own default
+    config = trt10._builds[0]["config"]
+    assert trt10.BuilderFlag.FP16 not in config._flags
+    assert trt10.BuilderFlag.TF32 not in config._flags  # cleared: fp32 parity with ONNX Runtime
+    assert config._pool_limits == {}  # no --workspace: TensorRT's own default
     assert config.builder_optimization_level == 3
 
 
@@ -117,7 +117,7 @@ def test_tensorrt11_builds_strongly_typed_with_the_onnx_precision(tmp_path, trt1
     bundle = _bundle(tmp_path, precision="fp16")
     _build(bundle)  # the fake 11 has no BuilderFlag.FP16: touching it would raise AttributeError
 
-    (build,) = trt11.builds
+    (build,) = trt11._builds
     assert build["network_flags"] == 1 << int(trt11.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     assert not hasattr(trt11.BuilderFlag, "FP16")
     sidecar = json.loads((bundle / "unet.plan.json").read_text())
@@ -131,22 +131,22 @@ def test_tensorrt11_refuses_a_precision_the_onnx_does_not_have(tmp_path, trt11):
     with pytest.raises(DtkError, match=r"TensorRT 11 builds strongly typed.*dtk export --precision fp16"):
         _build(bundle, precision="fp16")
     assert not (bundle / "unet.plan").exists()
-    assert trt11.builds == []
+    assert trt11._builds == []
 
 
 def test_strongly_typed_on_tensorrt10_sets_the_flag_and_no_precision_flag(tmp_path, trt10):
     _build(_bundle(tmp_path, precision="fp16"), strongly_typed=True)
-    build = trt10.builds[0]
+    build = trt10._builds[0]
     assert build["network_flags"] == 1 << int(trt10.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == 2
-    assert trt10.BuilderFlag.FP16 not in build["config"].flags
+    assert trt10.BuilderFlag.FP16 not in build["config"]._flags
 
 
 def test_compatibility_options_reach_the_config_and_the_sidecar(tmp_path, trt10):
     bundle = _bundle(tmp_path)
     _build(bundle, hardware_compat="ampere+", version_compat=True)
-    config = trt10.builds[0]["config"]
+    config = trt10._builds[0]["config"]
     assert config.hardware_compatibility_level == trt10.HardwareCompatibilityLevel.AMPERE_PLUS
-    assert trt10.BuilderFlag.VERSION_COMPATIBLE in config.flags
+    assert trt10.BuilderFlag.VERSION_COMPATIBLE in config._flags
     sidecar = json.loads((bundle / "unet.plan.json").read_text())
     assert (sidecar["hardware_compat"], sidecar["version_compat"]) == ("ampere+", True)
 
@@ -154,7 +154,7 @@ def test_compatibility_options_reach_the_config_and_the_sidecar(tmp_path, trt10)
 def test_fixed_batch_needs_no_profile(tmp_path, trt10):
     bundle = _bundle(tmp_path, batch=(2, 2, 2))
     _build(bundle)
-    assert trt10.builds[0]["config"].profiles == []
+    assert trt10._builds[0]["config"]._profiles == []
     sidecar = json.loads((bundle / "unet.plan.json").read_text())
     assert sidecar["profiles"][0]["sample"] == {"min": [2, 1, 8, 8], "opt": [2, 1, 8, 8], "max": [2, 1, 8, 8]}
 
@@ -183,10 +183,13 @@ def test_unreadable_onnx_is_a_parser_error(tmp_path, trt10):
 
 
 def test_graph_inputs_must_be_the_manifests(tmp_path, trt10):
+    import onnx
+
     bundle = _bundle(tmp_path)
-    graph = json.loads((bundle / "unet.onnx").read_text())
-    graph["inputs"][0]["name"] = "x"
-    (bundle / "unet.onnx").write_text(json.dumps(graph))
+    model = onnx.load(bundle / "unet.onnx")
+    model.graph.input[0].name = "x"
+    model.graph.node[0].input[0] = "x"
+    onnx.save(model, bundle / "unet.onnx")
     with pytest.raises(
         DtkError, match=r"has inputs \['timestep', 'x'\], the manifest names \['sample', 'timestep'\]"
     ):
@@ -197,9 +200,8 @@ def test_a_failed_build_reports_tensorrt_errors_and_keeps_the_previous_plan(tmp_
     bundle = _bundle(tmp_path)
     _build(bundle)
     before = {name: (bundle / name).read_bytes() for name in ("unet.plan", "unet.plan.json", "dtk.json")}
-    graph = json.loads((bundle / "unet.onnx").read_text())
-    (bundle / "unet.onnx").write_text(
-        json.dumps({**graph, "build_error": "Out of memory: tactic needs 2 GiB"})
+    (bundle / "unet.onnx").write_bytes(
+        _fakes().fake_onnx("batch", [1, 8, 8], build_error="Out of memory: tactic needs 2 GiB")
     )
     with pytest.raises(
         DtkError, match="TensorRT could not build an engine: Out of memory: tactic needs 2 GiB"
@@ -289,9 +291,9 @@ def test_cli_maps_flags_to_options(tmp_path, trt10, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"wrote {bundle / 'unet.plan'}")
     assert "TensorRT 10.3.0, NVIDIA Jetson Fake (sm_87), fp16, batch 1..4" in out
-    config = trt10.builds[0]["config"]
-    assert trt10.BuilderFlag.FP16 in config.flags and trt10.BuilderFlag.VERSION_COMPATIBLE in config.flags
-    assert config.pool_limits[trt10.MemoryPoolType.WORKSPACE] == 64 * 2**20
+    config = trt10._builds[0]["config"]
+    assert trt10.BuilderFlag.FP16 in config._flags and trt10.BuilderFlag.VERSION_COMPATIBLE in config._flags
+    assert config._pool_limits[trt10.MemoryPoolType.WORKSPACE] == 64 * 2**20
     assert config.builder_optimization_level == 1
     assert config.hardware_compatibility_level == trt10.HardwareCompatibilityLevel.AMPERE_PLUS
 

@@ -57,6 +57,9 @@ def test_export_prints_the_parity_table(tiny_checkpoint, tmp_path, capsys):
     assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [2, 1, 16, 16]
     config = (repo / "dtk_unet" / "config.pbtxt").read_text()
     assert "max_batch_size: 0" in config and "KIND_CPU" in config
+    sampler = (repo / "dtk_sampler" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in sampler and "max_batch_size: 2" in sampler
+    assert f"wrote Triton model {repo / 'dtk_sampler'}" in stdout
 
 
 def test_parity_failure_exits_non_zero_and_writes_nothing(tiny_checkpoint, tmp_path, capsys):

@@ -17,6 +17,8 @@ COMMANDS = {
     "build-engine": ("build_engine", "Build unet.plan for a bundle with TensorRT."),
     "inspect": ("inspect", "Describe a checkpoint, bundle, .onnx or .plan."),
     "bench": ("bench", "Measure denoiser latency and end-to-end sampling, trtexec style."),
+    "triton": ("triton", "Write a Triton Inference Server repository for a bundle."),
+    "serve": ("serve", "Serve a bundle on a local Triton Inference Server (whole-image requests)."),
 }
 
 
