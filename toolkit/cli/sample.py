@@ -94,7 +94,7 @@ def _sample_runtime(path: Path, options: SampleOptions) -> SampleResult:
             sampler=options.sampler,
             seed=options.seed,
             eta=options.eta,
-            batch_size=options.batch_size,
+            max_batch=options.batch_size,
             progress=options.progress,
         )
         return SampleResult(images, pipeline.backend, time.perf_counter() - start)
