@@ -215,7 +215,7 @@ def sample_settings(bundle: Path, settings, num: int, seed: int, batch_size: int
         print(f"sampling {num} with {name}, {steps} steps", file=sys.stderr)
         with Pipeline.load(bundle_with(bundle, options, folder), backend="onnxruntime") as pipeline:
             start = time.perf_counter()
-            latents = pipeline.sample_latents(num, steps, sampler, seed, batch_size=batch_size, progress=True)
+            latents = pipeline.sample_latents(num, steps, sampler, seed, max_batch=batch_size, progress=True)
             seconds = time.perf_counter() - start
         out.append({"sampler": name, "steps": steps, "images": as_displayed(latents), "seconds": seconds})
     return out

@@ -66,6 +66,8 @@ def diffusers_config(config, sampler: str) -> dict:
     if config.beta_schedule == "cosine":
         out["beta_schedule"] = "squaredcos_cap_v2"
     out.update(_DPM_SETTINGS.get(sampler, {}))
+    if out.get("lambda_min_clipped", 0.0) is None:
+        del out["lambda_min_clipped"]  # diffusers' default, -inf: no clipping
     if class_name == "UniPCMultistepScheduler":
         out["solver_order"] = 2
         out["solver_type"] = config.solver_type if config.solver_type in ("bh1", "bh2") else "bh2"

@@ -87,7 +87,6 @@ _FLOAT_FIELDS = (
     "clip_sample_range",
     "dynamic_thresholding_ratio",
     "sample_max_value",
-    "lambda_min_clipped",
 )
 
 
@@ -120,7 +119,7 @@ class DiffusionConfig:
     euler_at_final: bool = False
     use_karras_sigmas: bool = False
     final_sigmas_type: str = "zero"
-    lambda_min_clipped: float = -math.inf
+    lambda_min_clipped: float | None = None  # None: no clipping (diffusers' -inf)
     disable_corrector: tuple = ()
     sampler: str | None = None
 
@@ -251,8 +250,15 @@ def _check_types(config: DiffusionConfig) -> None:
         value = getattr(config, field)
         if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
             wrong(field, value, "a number")
-        if math.isnan(value) or (math.isinf(value) and field != "lambda_min_clipped"):
+        if not math.isfinite(value):
             wrong(field, value, "a finite number")
+    clipped = config.lambda_min_clipped
+    if clipped is not None and (
+        isinstance(clipped, bool) or not isinstance(clipped, (int, float)) or math.isnan(clipped)
+    ):
+        wrong("lambda_min_clipped", clipped, "a number or null")
+    if clipped is not None and math.isinf(clipped) and clipped < 0:
+        object.__setattr__(config, "lambda_min_clipped", None)  # diffusers' -inf: no clipping
     for field in ("beta_schedule", "prediction_type", "timestep_spacing", "variance_type", "solver_type"):
         if not isinstance(getattr(config, field), str):
             wrong(field, getattr(config, field), "a string")

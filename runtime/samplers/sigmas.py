@@ -51,6 +51,8 @@ def solver_timesteps(config: DiffusionConfig, steps: int, last_timestep: int | N
 
 def _last_timestep(config: DiffusionConfig, train_sigmas: np.ndarray) -> int:
     """T minus the timesteps whose λ falls below lambda_min_clipped (for the cosine schedule's tail)."""
+    if config.lambda_min_clipped is None:
+        return config.num_train_timesteps
     lambdas = -np.log(train_sigmas)  # decreasing in t
     return int(config.num_train_timesteps - np.searchsorted(lambdas[::-1], config.lambda_min_clipped))
 

@@ -186,7 +186,7 @@ REFUSED = [
     ({"clip_sample": "yes"}, "clip_sample must be true or false"),
     ({"dynamic_thresholding_ratio": 1.5}, "dynamic_thresholding_ratio must lie in \\(0, 1\\]"),
     ({"sample_max_value": 0.5}, "sample_max_value must be at least 1"),
-    ({"lambda_min_clipped": float("nan")}, "lambda_min_clipped must be a finite number"),
+    ({"lambda_min_clipped": float("nan")}, "lambda_min_clipped must be a number or null"),
     ({"disable_corrector": [-1]}, "disable_corrector must be a list of step indices"),
     ({"steps_offset": -1}, "steps_offset must not be negative"),
     ({"sampler": "plms"}, "unknown sampler 'plms'"),
@@ -243,3 +243,9 @@ def test_a_manifest_with_an_unsupported_field_is_refused(tiny_bundle, tmp_path):
     (tmp_path / "dtk.json").write_text(json.dumps(data))
     with pytest.raises(DtkError, match="dtk.json: rescale_betas_zero_snr \\(True\\) is not supported"):
         load_manifest(tmp_path)
+
+
+def test_lambda_min_clipped_minus_infinity_is_no_clipping():
+    assert DiffusionConfig.from_dict({"lambda_min_clipped": -float("inf")}).lambda_min_clipped is None
+    assert "lambda_min_clipped" not in DiffusionConfig(sampler="dpmpp-2m").to_diffusers()
+    assert DiffusionConfig(lambda_min_clipped=-5.1).to_diffusers("dpmpp-2m")["lambda_min_clipped"] == -5.1
