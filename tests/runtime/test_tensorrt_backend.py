@@ -391,3 +391,23 @@ def test_the_pipeline_samples_through_run_chain(tmp_path, gpu):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert steps == plan.timesteps.tolist()
     assert gpu.live() == {}
+
+
+@pytest.mark.parametrize("transform", ["threshold", "clip"])
+def test_run_chain_keeps_two_x0_and_thresholds_per_image(tmp_path, gpu, transform):
+    """The d2 history term and dynamic thresholding through the backend's coefficient rows (the fake kernel
+    follows the CUDA source's contract), against the host loop."""
+    from dtk.runtime.samplers import Threshold
+
+    base = _sampler_plan(steps=5, seed=3, clip=None)
+    coeffs = base.coeffs.copy()
+    coeffs[:, 7] = np.linspace(0.2, -0.3, base.steps)  # d2 on every step
+    threshold = Threshold(0.8, 1.4) if transform == "threshold" else None
+    plan = SamplerPlan("d2", base.timesteps, coeffs, None if threshold else 1.0, threshold)
+    assert plan.history == 2
+    x = np.random.default_rng(4).standard_normal((3, 1, 8, 8), dtype=np.float32) * 2
+    table = _noise_table(plan, x.shape)
+    want = _host_chain(plan, x, table)
+    with _denoiser(tmp_path, cuda_graph=True) as denoiser:
+        got = denoiser.run_chain(plan, x, table.__getitem__)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
