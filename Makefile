@@ -28,7 +28,7 @@ demo: $(STAMP)
 		--sample-every 500 --out $(DEMO)/run
 	$(BIN)/dtk export $(DEMO)/run/model.pt -o $(DEMO)/bundle --batch 1:8:64
 	$(BIN)/dtk inspect $(DEMO)/bundle
-	$(BIN)/dtk sample $(DEMO)/bundle --num 64 --steps 50 --sampler ddim --seed 0 --out $(DEMO)/samples.png
+	$(BIN)/dtk sample $(DEMO)/bundle --num 64 --steps 10 --sampler dpmpp-2m-sde --seed 0 --out $(DEMO)/samples.png
 	$(BIN)/dtk bench $(DEMO)/bundle --checkpoint $(DEMO)/run/model.pt --compare torch,onnxruntime,tensorrt \
 		--batch 1 --duration 2 --json $(DEMO)/bench.json
 	@echo "demo: training grids in $(DEMO)/run/, runtime samples in $(DEMO)/samples.png, bench in $(DEMO)/bench.json"
