@@ -249,6 +249,8 @@ def check_replaceable(out_dir: Path, force: bool = False) -> None:
         return
     if not out_dir.is_dir():
         raise file_error(out_dir, "is a file; give a directory for the bundle")
+    if os.path.ismount(out_dir):  # a container volume: it cannot be swapped for the new bundle
+        raise file_error(out_dir, "is a mount point; write the bundle to a folder inside it")
     entries = sorted(p.name for p in out_dir.iterdir())
     if not entries:
         return

@@ -154,6 +154,8 @@ def swap_dirs(new: Path, path: Path) -> None:
         _exchange(new, path)
         return
     except OSError as e:
+        if e.errno == errno.EBUSY:  # a mount point (a container volume) cannot be renamed
+            raise file_error(path, "is a mount point; write the bundle to a folder inside it") from None
         if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
             raise
     old = path.with_name(f".{path.name}.old")

@@ -43,13 +43,12 @@ def _dtk(*args, cwd=None):
         ),
         (
             ["export", "{checkpoint}", "-o", "bundle", "--no-progress"],
-            "torch, which is not installed here: pip install 'dtk[export]'",
+            "onnx, which is not installed here: pip install 'dtk[export]'",  # the first it imports
         ),
         (
             ["sample", "{checkpoint}", "--out", "g.png"],
             "torch, which is not installed here: pip install 'dtk[train]'",
         ),
-        (["inspect", "{onnx}"], "onnx, which is not installed here: pip install 'dtk[export]'"),
     ],
 )
 def test_commands_that_need_torch_or_onnx_name_the_extra(
@@ -66,3 +65,14 @@ def test_inspect_a_bundle_without_torch_or_onnx(tiny_bundle):
     run = _dtk("inspect", tiny_bundle)
     assert run.returncode == 0, run.stderr
     assert "kind: dtk bundle" in run.stdout and "matches_export=True" in run.stdout
+
+
+def test_inspect_an_onnx_without_the_onnx_package(tiny_bundle):
+    run = _dtk("inspect", tiny_bundle / "unet.onnx")
+    assert run.returncode == 0, run.stderr
+    assert "kind: onnx" in run.stdout and f"bundle: {tiny_bundle}" in run.stdout
+    assert "  - name=sample, dtype=float32, shape=[batch, 1, 16, 16]" in run.stdout
+    assert (
+        "not_shown: opset, nodes and initializers need the onnx package: pip install 'dtk[export]'"
+        in run.stdout
+    )

@@ -185,3 +185,12 @@ def test_multi_line_messages_are_joined(capsys, monkeypatch):
     assert capsys.readouterr().err == (
         "error: the exported ONNX graph failed onnx.checker: bad node | ==> Context: Bad node spec\n"
     )
+
+
+def test_out_a_mount_point_is_one_line(tiny_checkpoint, tiny_disk, capsys):
+    args = ["export", str(tiny_checkpoint), "-o", str(tiny_disk), "--no-verify", "--no-progress"]
+    assert main([*args, "--exporter", "torchscript"]) == 1
+    assert _one_line(capsys.readouterr().err) == (
+        f"error: {tiny_disk}: is a mount point; write the bundle to a folder inside it"
+    )
+    assert list(tiny_disk.iterdir()) == [] and [p.name for p in tiny_disk.parent.iterdir()] == ["disk"]
