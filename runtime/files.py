@@ -29,16 +29,18 @@ FAULT_ENV = "DTK_FAULT_PAUSE"  # fault injection for tests: pause (and say so on
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
+def atomic_path(path: str | os.PathLike, clean: bool = True):
     """Yield a temporary path beside `path`; on success rename it onto `path`, on failure remove it.
 
-    For writers that want a file name (torch.save, onnx.save, PIL.Image.save with a format)."""
+    For writers that want a file name (torch.save, onnx.save, PIL.Image.save with a format). `clean` first
+    removes what a killed writer of `path` left (a scan of the folder: writers of many files turn it off)."""
     path = Path(path)
     if path.is_dir():
         raise file_error(path, "is a directory; give a file name")
     _make_parent(path)
     with locked(path):
-        clean_leftovers(path)
+        if clean:
+            clean_leftovers(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
         os.close(fd)
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; artifacts get the usual permissions
