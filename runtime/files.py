@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import glob
 import hashlib
 import os
 import shutil
@@ -144,7 +145,8 @@ def clean_leftovers(path: Path) -> list[Path]:
             removed.append(old)
         else:
             os.rename(old, path)  # killed between the two renames: the old folder goes back
-    for leftover in path.parent.glob(f".{_glob_escape(path.name)}.*.partial"):
+    # exactly tempfile's 8 random characters: `.bundle.v2.x1y2z3w4.partial` is another target's, not ours
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.{'?' * 8}.partial"):
         _remove(leftover)
         removed.append(leftover)
     return removed
@@ -208,12 +210,6 @@ def _remove(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-
-
-def _glob_escape(name: str) -> str:
-    import glob
-
-    return glob.escape(name)
 
 
 def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

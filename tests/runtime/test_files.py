@@ -52,7 +52,7 @@ def test_sha256_pins_a_known_digest(tmp_path):
 
 def test_the_next_writer_removes_what_a_killed_one_left(tmp_path):
     target = tmp_path / "model.pt"
-    (tmp_path / ".model.pt.abc123.partial").write_bytes(b"half a checkpoint")
+    (tmp_path / ".model.pt.abc123de.partial").write_bytes(b"half a checkpoint")
     (tmp_path / ".model.pt.lock").write_bytes(b"")  # a killed writer's lock: flock is gone with it
     (tmp_path / ".other.pt.x.partial").write_bytes(b"not ours")
     write_text(target, "new")
@@ -91,3 +91,11 @@ def test_atomic_dir_follows_the_umask(tmp_path):
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "bundle").stat().st_mode) == 0o750
     assert stat.S_IMODE((tmp_path / "bundle" / "dtk.json").stat().st_mode) == 0o640
+
+
+def test_cleanup_spares_a_similar_names_temporaries(tmp_path):
+    live = tmp_path / ".bundle.v2.k3j4h5g6.partial"  # `-o bundle.v2` being written right now
+    live.mkdir()
+    with atomic_dir(tmp_path / "bundle") as tmp:
+        write_text(tmp / "dtk.json", "{}")
+    assert live.is_dir()
