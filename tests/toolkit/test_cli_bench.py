@@ -114,7 +114,6 @@ def test_compile_reports_its_compile_time(tiny_checkpoint, tmp_path, capsys, mon
         (["{bundle}", "--compare", "torch,fast"], "--compare 'torch,fast': choose from torch, torch-compile"),
         (["{bundle}", "--compare", "torch", "--backend", "torch"], "drop --backend"),
         (["{bundle}/unet.onnx", "--backend", "tensorrt"], "runs on onnxruntime, not --backend tensorrt"),
-        (["{bundle}", "--steps", "2", "--sampler", "euler-x"], "unknown sampler 'euler-x'"),
         (["/nonexistent/bundle"], "/nonexistent/bundle: no such file or directory"),
         ([], "the torch backend needs --checkpoint model.pt"),
     ],

@@ -7,6 +7,7 @@ pools slow each other down when they share a process on few cores.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import click
 
 from dtk.runtime.errors import DtkError, file_error
+from dtk.runtime.samplers import SAMPLERS
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 COMPARABLE = ("torch", "torch-compile", "onnxruntime", "tensorrt")
@@ -83,8 +85,14 @@ class Target:
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", help="Backend to time.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, help="Images per denoiser call.")
 @click.option("--warmup", default="200ms", help="Warm-up: a number of calls (10) or a time (200ms, 2s).")
-@click.option("--iterations", type=int, default=10, help="Time at least this many calls.")
-@click.option("--duration", type=float, default=3.0, help="...and for at least this many seconds (0: off).")
+@click.option("--iterations", type=click.IntRange(min=1), default=10, help="Time at least this many calls.")
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0),
+    callback=lambda ctx, param, value: _finite(param, value),
+    default=3.0,
+    help="...and for at least this many seconds (0: off).",
+)
 @click.option(
     "--cuda-graph/--no-cuda-graph", default=False, help="TensorRT: capture the call in a CUDA graph."
 )
@@ -96,9 +104,11 @@ class Target:
 @click.option(
     "--steps", type=click.IntRange(min=1), help="Also time sampling end to end with this many steps."
 )
-@click.option("--sampler", default="ddim", help="Sampler for --steps: ddpm, ddim, dpmpp-2m.")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="ddim", help="Sampler for --steps.")
 @click.option("--sample-runs", type=click.IntRange(min=1), default=3, help="End-to-end runs to average.")
-@click.option("--seed", type=int, default=0, help="Seed of the inputs and the sampling noise.")
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, help="Seed of the inputs and the sampling noise."
+)
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (ONNX Runtime intra-op, torch).")
 @click.option("--device", default="auto", help="PyTorch device: auto, cpu, cuda, cuda:1.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON here.")
@@ -144,10 +154,20 @@ def run_single(opts: BenchOptions) -> dict:
     return record
 
 
+def _finite(param, value):
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number of seconds", param=param)
+    return value
+
+
 def measure(target: Target, opts: BenchOptions, config):
     import numpy as np
 
     from dtk.runtime.bench import BenchResult, LatencyStats, TimingConfig, Warmup, time_calls
+    from dtk.runtime.samplers import make_plan
+
+    if opts.steps:  # --steps beyond the schedule: say so before the timing run, not after it
+        make_plan(opts.sampler, target.diffusion, opts.steps)
 
     batch, (c, h, w) = opts.batch, target.sample_shape
     rng = np.random.default_rng(opts.seed)

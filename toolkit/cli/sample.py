@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,7 @@ from dtk.runtime.samplers import SAMPLERS
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 RUNTIME_SUFFIXES = (".onnx", ".plan")
+BYTES_PER_VALUE = 4 + 1 + 1  # float32 sample, uint8 image, its copy in the grid
 
 
 @dataclass
@@ -64,6 +67,8 @@ def _sample_checkpoint(path: Path, options: SampleOptions) -> SampleResult:
     from dtk.runtime.images import to_uint8
 
     ckpt = load_checkpoint(path)
+    config = ckpt.model_config
+    check_memory(options.num, (config.in_channels, config.image_size, config.image_size))
     start = time.perf_counter()
     latents = sample_checkpoint(
         ckpt,
@@ -87,6 +92,7 @@ def _sample_runtime(path: Path, options: SampleOptions) -> SampleResult:
 
     backend, opts = _backend_options(path, options.backend, options.device)
     with Pipeline.load(path, backend=backend, **opts) as pipeline:
+        check_memory(options.num, pipeline.sample_shape)
         start = time.perf_counter()
         images = pipeline.sample(
             num=options.num,
@@ -98,6 +104,38 @@ def _sample_runtime(path: Path, options: SampleOptions) -> SampleResult:
             progress=options.progress,
         )
         return SampleResult(images, pipeline.backend, time.perf_counter() - start)
+
+
+def check_memory(num: int, shape: tuple[int, int, int]) -> None:
+    """Refuse --num when the images would not fit in memory (float32 samples, uint8 images and the grid)."""
+    need = num * math.prod(shape) * BYTES_PER_VALUE
+    have = available_memory()
+    if need > have:
+        c, h, w = shape
+        raise DtkError(
+            f"--num {num}: {num} images of {c}x{h}x{w} would need {_size(need)} of memory and "
+            f"{_size(have)} is available; sample fewer per run (several runs with other --seed values)"
+        )
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo; elsewhere physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def _backend_options(path: Path, backend: str, device: str) -> tuple[str, dict]:
