@@ -12,7 +12,7 @@ DEMO := demo
 # PyTriton's own Python API needs (the tritonserver binary does not); with them pip would downgrade numpy.
 PYTRITON := nvidia-pytriton==0.7.0
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps '$(PYTRITON)'

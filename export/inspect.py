@@ -254,6 +254,19 @@ def _bundle_files(bundle: Path, manifest: Manifest) -> list[dict]:
     return files
 
 
+def mismatches(info: dict) -> list[str]:
+    """What `describe` found that is not what was exported: ONNX files whose hash differs from the export's,
+    a plan whose hash differs from its sidecar's."""
+    problems = [
+        f"{entry['name']} does not match the sha256 the export recorded (not the exported model)"
+        for entry in info.get("files", [])
+        if entry.get("matches_export") is False
+    ]
+    if info.get("plan_matches_sidecar") is False:
+        problems.append("the plan does not match the sha256 in its sidecar")
+    return problems
+
+
 def format_description(info: dict) -> str:
     """Indented `key: value` lines; nested dicts and lists of dicts become blocks."""
     lines: list[str] = []
