@@ -237,7 +237,7 @@ def _ensure_dtk() -> None:
         return
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e",
                     str(ROOT)], check=True)  # fmt: skip
-    importlib.invalidate_caches()
+    os.execv(sys.executable, [sys.executable, *sys.argv])  # the editable install's .pth is read at start-up
 
 
 def _run(command: list[str], limit: float) -> dict:
