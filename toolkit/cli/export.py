@@ -260,6 +260,10 @@ def _build_engine(out, precision, engine_flags: dict, progress) -> None:
         options = engine_options_from_flags(precision=precision, **engine_flags)
         plan = build_engine(out, options, progress=progress)
     except DtkError as e:
+        if hasattr(e, "report"):  # the engine check failed: its table says where
+            from dtk.export.parity import format_table
+
+            click.echo(format_table(e.report), err=True)
         raise DtkError(
             f"{e}\n(the ONNX bundle {out} was written; build the engine later with `dtk build-engine {out}`)"
         ) from e
