@@ -160,6 +160,23 @@ def test_32_concurrent_clients_share_batches(server, local):
     assert merged and max(merged) <= MAX_BATCH
 
 
+def test_concurrent_requests_with_different_settings(server, local):
+    """One dynamic batch may hold several settings: each group runs on its own, every image is still right."""
+    settings = [{}, {"steps": 3, "sampler": "ddpm"}, {"steps": 5, "eta": 1.0}]
+    jobs = [(300 + k, settings[k % 3]) for k in range(12)]
+
+    def send(job):
+        seed, extra = job
+        with tritonclient.InferenceServerClient(server.grpc_url) as c:
+            return request_image(c, seed, **extra)
+
+    with ThreadPoolExecutor(12) as pool:
+        images = list(pool.map(send, jobs))
+    for (seed, extra), image in zip(jobs, images, strict=True):
+        expected = local(seed, extra.get("steps", STEPS), extra.get("sampler", "ddim"), extra.get("eta", 0.0))
+        assert np.array_equal(image, expected), (seed, extra)
+
+
 def bad_requests():
     """(what is wrong, inputs, parameters, a fragment of the error)."""
     seed = (np.array([[1]], dtype=np.int64), "INT64")
