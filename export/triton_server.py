@@ -160,9 +160,15 @@ class TritonServer:
         if backends is not None:
             args.append(f"--backend-directory={backends}")
         with open(self.log_path, "ab") as log:
-            # own session: a Ctrl-C in the terminal reaches dtk, which stops the server in order
+            # own session: a Ctrl-C in the terminal reaches dtk, which stops the server in order; and should
+            # dtk itself be killed, the kernel sends the server SIGTERM (Linux), so no orphan keeps the ports
             self.process = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, env=self._environment(), start_new_session=True
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._environment(),
+                start_new_session=True,
+                preexec_fn=_die_with_parent(),
             )
 
     def _environment(self) -> dict:
@@ -241,6 +247,26 @@ def stub_pids(shm_prefix: str) -> list[int]:
             ):
                 pids.append(int(proc.name))
     return pids
+
+
+def _die_with_parent():
+    """A preexec_fn asking Linux to SIGTERM the child when this thread's process dies; None elsewhere.
+
+    prctl is looked up here, before the fork: the child only makes the one system call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def set_death_signal():
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+
+    return set_death_signal
 
 
 def _free_port(host: str) -> int:

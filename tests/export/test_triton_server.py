@@ -4,9 +4,11 @@ answered one by one, and a clean stop of `dtk serve`."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -282,16 +284,24 @@ def test_client_example_writes_a_grid(server, local, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_dtk_serve_prints_endpoints_and_stops_clean(tiny_bundle, local, tmp_path, stop):
-    """`dtk serve` as a user runs it, then stopped: exit 0, nothing left in its TMPDIR or /dev/shm."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    env = {**os.environ, "TMPDIR": str(tmp)}
-    command = [sys.executable, "-m", "dtk", "serve", str(tiny_bundle), "--serve-steps", str(STEPS)]
+def _interruptible():
+    """A test run started in the background inherits SIGINT ignored; `dtk serve` here must see Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def dtk_serve(bundle, tmp):
+    """`dtk serve BUNDLE` on free ports with TMPDIR=tmp → (the process, its banner once ready)."""
+    command = [sys.executable, "-m", "dtk", "serve", str(bundle), "--serve-steps", str(STEPS)]
     ports = ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"]
+    env = {**os.environ, "TMPDIR": str(tmp)}
     process = subprocess.Popen(
-        [*command, *ports], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        [*command, *ports],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=_interruptible,
     )
     try:
         lines = []
@@ -303,6 +313,28 @@ def test_dtk_serve_prints_endpoints_and_stops_clean(tiny_bundle, local, tmp_path
             lines.append(line.rstrip("\n"))
         banner = "\n".join(lines)
         assert "ready: model dtk_sampler (default 4 ddim steps)" in banner, banner + process.stderr.read()
+        yield process, banner
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def server_pids(prefix: str) -> list[int]:
+    """tritonserver processes started with this shared-memory prefix."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            cmdline = (proc / "cmdline").read_bytes()
+            if cmdline.split(b"\0")[0].endswith(b"tritonserver") and prefix.encode() in cmdline:
+                pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_dtk_serve_prints_endpoints_and_stops_clean(tiny_bundle, local, tmp_path, stop):
+    """`dtk serve` as a user runs it, then stopped: exit 0, nothing left in its TMPDIR or /dev/shm."""
+    with dtk_serve(tiny_bundle, tmp_path) as (process, banner):
         grpc_url = re.search(r"gRPC\s+(\S+)", banner).group(1)
         assert grpc_url.startswith("127.0.0.1:")
         assert f"--url {grpc_url}" in banner
@@ -312,15 +344,28 @@ def test_dtk_serve_prints_endpoints_and_stops_clean(tiny_bundle, local, tmp_path
         assert list(SHM_DIR.glob(f"{prefix}*"))  # the stub's regions exist while it runs ...
         process.send_signal(stop)
         out, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert process.returncode == 0, err
     assert out.strip().endswith("stopped") and "Traceback" not in err
     assert not list(SHM_DIR.glob(f"{prefix}*"))  # ... and are gone after the stop
-    assert not stub_pids(prefix)
-    assert list(tmp.iterdir()) == []  # repository, backends copy, log, the stub's temp files: all removed
+    assert not stub_pids(prefix) and not server_pids(prefix)
+    assert (
+        list(tmp_path.iterdir()) == []
+    )  # repository, backends copy, log, the stub's temp files: all removed
+
+
+def test_killed_dtk_serve_takes_its_server_along(tiny_bundle, tmp_path):
+    """SIGKILL leaves dtk no chance to clean up; the server still ends (Linux's parent-death signal)."""
+    with dtk_serve(tiny_bundle, tmp_path) as (process, _):
+        prefix = f"dtk_{process.pid}_"
+        assert server_pids(prefix)
+        process.kill()
+        process.wait()
+    deadline = time.monotonic() + 30
+    while (server_pids(prefix) or stub_pids(prefix)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not server_pids(prefix) and not stub_pids(prefix)
+    assert not list(SHM_DIR.glob(f"{prefix}*"))  # the server, stopped by SIGTERM, removed its stubs' regions
+    shutil.rmtree(tmp_path, ignore_errors=True)  # what dtk could not remove: its TMPDIR is this test's
 
 
 def test_serve_without_a_bundle_says_so(tmp_path):
