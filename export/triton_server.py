@@ -236,15 +236,16 @@ class TritonServer:
 
 def stub_pids(shm_prefix: str) -> list[int]:
     """PIDs of Python backend stubs started with this shared-memory prefix (it is on their command line)."""
+    return triton_pids(shm_prefix, "triton_python_backend_stub")
+
+
+def triton_pids(shm_prefix: str, program: str = "tritonserver") -> list[int]:
+    """PIDs of `program` processes whose command line holds `shm_prefix` (zombies have none: not listed)."""
     pids = []
     for proc in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError):
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if (
-                cmdline
-                and cmdline[0].endswith(b"triton_python_backend_stub")
-                and any(shm_prefix.encode() in part for part in cmdline)
-            ):
+            if cmdline[0].endswith(program.encode()) and any(shm_prefix.encode() in part for part in cmdline):
                 pids.append(int(proc.name))
     return pids
 

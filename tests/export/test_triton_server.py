@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from dtk.export.triton import SamplerOptions, write_sampler_model
-from dtk.export.triton_server import SHM_DIR, TritonServer, stub_pids
+from dtk.export.triton_server import SHM_DIR, TritonServer, stub_pids, triton_pids
 from dtk.runtime import Pipeline
 
 tritonclient = pytest.importorskip("tritonclient.grpc")
@@ -320,17 +320,6 @@ def dtk_serve(bundle, tmp):
             process.wait()
 
 
-def server_pids(prefix: str) -> list[int]:
-    """tritonserver processes started with this shared-memory prefix."""
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError):
-            cmdline = (proc / "cmdline").read_bytes()
-            if cmdline.split(b"\0")[0].endswith(b"tritonserver") and prefix.encode() in cmdline:
-                pids.append(int(proc.name))
-    return pids
-
-
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_dtk_serve_prints_endpoints_and_stops_clean(tiny_bundle, local, tmp_path, stop):
     """`dtk serve` as a user runs it, then stopped: exit 0, nothing left in its TMPDIR or /dev/shm."""
@@ -347,7 +336,7 @@ def test_dtk_serve_prints_endpoints_and_stops_clean(tiny_bundle, local, tmp_path
     assert process.returncode == 0, err
     assert out.strip().endswith("stopped") and "Traceback" not in err
     assert not list(SHM_DIR.glob(f"{prefix}*"))  # ... and are gone after the stop
-    assert not stub_pids(prefix) and not server_pids(prefix)
+    assert not stub_pids(prefix) and not triton_pids(prefix)
     assert (
         list(tmp_path.iterdir()) == []
     )  # repository, backends copy, log, the stub's temp files: all removed
@@ -357,13 +346,13 @@ def test_killed_dtk_serve_takes_its_server_along(tiny_bundle, tmp_path):
     """SIGKILL leaves dtk no chance to clean up; the server still ends (Linux's parent-death signal)."""
     with dtk_serve(tiny_bundle, tmp_path) as (process, _):
         prefix = f"dtk_{process.pid}_"
-        assert server_pids(prefix)
+        assert triton_pids(prefix)
         process.kill()
         process.wait()
     deadline = time.monotonic() + 30
-    while (server_pids(prefix) or stub_pids(prefix)) and time.monotonic() < deadline:
+    while (triton_pids(prefix) or stub_pids(prefix)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not server_pids(prefix) and not stub_pids(prefix)
+    assert not triton_pids(prefix) and not stub_pids(prefix)
     assert not list(SHM_DIR.glob(f"{prefix}*"))  # the server, stopped by SIGTERM, removed its stubs' regions
     shutil.rmtree(tmp_path, ignore_errors=True)  # what dtk could not remove: its TMPDIR is this test's
 
