@@ -61,14 +61,17 @@ def in_process(pipe, batch: int, settings: dict, duration: float) -> dict:
     return summarize(latencies, time.perf_counter() - start, batch * len(latencies))
 
 
-def served(url: str, clients: int, duration: float, request_image) -> dict:
-    """`clients` threads, each with its own gRPC client, sending requests back to back for `duration` s."""
+def served(url: str, clients: int, duration: float, request_image, counts) -> dict:
+    """`clients` threads, each with its own gRPC client, sending requests back to back for `duration` s.
+
+    `counts()` → the model's (requests, sampling runs) so far: their ratio over the row is the batching."""
     import tritonclient.grpc as grpcclient
 
     latencies, lock, counter = [], threading.Lock(), iter(range(10**9))
     connections = [grpcclient.InferenceServerClient(url) for _ in range(clients)]
     for connection in connections[:1]:
         request_image(connection, 0)  # warm-up
+    requests_before, runs_before = counts()
     barrier = threading.Barrier(clients + 1)
     stop_at = [0.0]
 
@@ -95,7 +98,10 @@ def served(url: str, clients: int, duration: float, request_image) -> dict:
     elapsed = time.perf_counter() - start
     for connection in connections:
         connection.close()
-    return summarize(latencies, elapsed, len(latencies))
+    requests, runs = counts()
+    row = summarize(latencies, elapsed, len(latencies))
+    row["requests_per_run"] = round((requests - requests_before) / max(1, runs - runs_before), 2)
+    return row
 
 
 def goals(data: dict) -> dict:
@@ -124,8 +130,8 @@ def markdown(data: dict) -> str:
         f"- **server**: tritonserver {data['server_version']}, 1 instance, max queue delay "
         f"{s['queue_delay_us']} µs; one gRPC client per thread, one image per request",
         "",
-        "| run | images/s | p50 ms | p99 ms |",
-        "| --- | ---: | ---: | ---: |",
+        "| run | images/s | p50 ms | p99 ms | images per sampling run |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
     local = data["in_process"]
     rows = [
@@ -134,8 +140,10 @@ def markdown(data: dict) -> str:
     ]
     rows += [(f"server, {r['clients']} client(s)", r) for r in data["server"]]
     for label, r in rows:
-        lat = r["latency_ms"]
-        lines.append(f"| {label} | {r['images_per_s']:.1f} | {lat['p50']:.1f} | {lat['p99']:.1f} |")
+        lat, per_run = r["latency_ms"], r.get("requests_per_run", label.split()[-1])
+        lines.append(
+            f"| {label} | {r['images_per_s']:.1f} | {lat['p50']:.1f} | {lat['p99']:.1f} | {per_run} |"
+        )
     g = data["goals"]
     lines += [
         "",
@@ -236,12 +244,16 @@ def main() -> None:
         )
         write_sampler_model(bundle, work / "repo", options)
         with TritonServer(work / "repo") as server:
-            data["server_version"] = httpclient.InferenceServerClient(server.http_url).get_server_metadata()[
-                "version"
-            ]
+            http = httpclient.InferenceServerClient(server.http_url)
+            data["server_version"] = http.get_server_metadata()["version"]
+
+            def counts():
+                stats = http.get_inference_statistics("dtk_sampler")["model_stats"][0]
+                return stats["inference_count"], stats["execution_count"]
+
             for clients in args.clients:
                 print(f"== server, {clients} client(s)", file=sys.stderr)
-                row = served(server.grpc_url, clients, args.duration, client.request_image)
+                row = served(server.grpc_url, clients, args.duration, client.request_image, counts)
                 data["server"].append({"clients": clients, **row})
     data["load_after"] = [round(v, 2) for v in os.getloadavg()]
     data["goals"] = goals(data)

@@ -30,7 +30,7 @@ VERSION = "1"
 
 SAMPLER_MODEL = "dtk_sampler"
 SAMPLER_SOURCE = Path(__file__).with_name("triton_model.py")  # copied as <repo>/dtk_sampler/1/model.py
-BUNDLE_FILES = (MANIFEST_NAME, "unet.onnx", "unet.onnx.data", "unet.plan", "unet.plan.json")
+BUNDLE_FILES = (MANIFEST_NAME, "unet.onnx", "unet.onnx.data", "unet*.plan", "unet*.plan.json")  # every engine
 
 
 class Enum(str):
@@ -98,9 +98,9 @@ def write_sampler_model(bundle, repo_dir, options: SamplerOptions | None = None)
         version = tmp / VERSION
         (version / "bundle").mkdir(parents=True)
         shutil.copyfile(SAMPLER_SOURCE, version / "model.py")
-        for name in BUNDLE_FILES:
-            if (bundle_dir / name).is_file():
-                shutil.copyfile(bundle_dir / name, version / "bundle" / name)
+        for pattern in BUNDLE_FILES:
+            for path in bundle_dir.glob(pattern):
+                shutil.copyfile(path, version / "bundle" / path.name)
         write_text(tmp / "config.pbtxt", render_pbtxt(config))
     return target
 

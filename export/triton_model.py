@@ -26,6 +26,15 @@ from dtk.runtime.pipeline import Pipeline, choose_backend
 # buffer there, while DLPack works. Under numpy 1 the classic calls work and from_dlpack crashes the stub.
 NUMPY2 = int(np.__version__.split(".")[0]) >= 2
 PARAMETERS = ("sampler",)
+# request parameters of Triton's protocol that clients may send along (tritonclient.http sends the first)
+PROTOCOL_PARAMETERS = (
+    "binary_data_output",
+    "priority",
+    "timeout",
+    "sequence_id",
+    "sequence_start",
+    "sequence_end",
+)
 
 
 class RequestError(Exception):
@@ -79,7 +88,7 @@ class TritonPythonModel:
     def _read(self, request) -> tuple[list[int], tuple[str, int, float]]:
         """→ (the request's seeds, its (sampler, steps, eta)), checked against the bundle's schedule."""
         params = json.loads(request.parameters() or "{}")
-        unknown = sorted(set(params) - set(PARAMETERS))
+        unknown = sorted(set(params) - set(PARAMETERS) - set(PROTOCOL_PARAMETERS))
         if unknown:
             raise RequestError(f"unknown request parameter {unknown[0]!r}; the only one is 'sampler'")
         sampler = params.get("sampler", self.default_sampler)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dtk.runtime.errors import DtkError, file_error
+from dtk.runtime.integrity import check_onnx_files
 from dtk.runtime.manifest import Manifest, resolve_bundle
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -43,16 +44,15 @@ class Pipeline:
 
         `opts` go to the backend: OnnxRuntimeDenoiser(providers, threads, device_id, io_binding) or
         TensorRTDenoiser(device, cuda_graph)."""
+        if not isinstance(path, (str, Path)) or not str(path):
+            raise DtkError(f"Pipeline.load takes a bundle directory, .onnx or .plan path, got {path!r}")
         backend, model_path, bundle_dir, manifest = choose_backend(path, backend)
         if backend == "tensorrt":
-            from dtk.runtime.backends.tensorrt import TensorRTDenoiser
-
-            denoiser = TensorRTDenoiser(model_path, manifest, **opts)
+            from dtk.runtime.backends.tensorrt import TensorRTDenoiser as Denoiser
         else:
-            from dtk.runtime.backends.onnxruntime import OnnxRuntimeDenoiser
-
-            denoiser = OnnxRuntimeDenoiser(model_path, manifest, **opts)
-        return cls(manifest, denoiser, bundle_dir)
+            from dtk.runtime.backends.onnxruntime import OnnxRuntimeDenoiser as Denoiser
+        _check_options(Denoiser, backend, opts)
+        return cls(manifest, Denoiser(model_path, manifest, **opts), bundle_dir)
 
     @property
     def backend(self) -> str:
@@ -110,6 +110,7 @@ class Pipeline:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise DtkError(f"seed must be a non-negative integer, got {value!r}")
         num = num if seeds is None else len(seeds)
+        _check_sample_args(num, steps, sampler, eta, callback, max_batch)
         plan = self.plan(sampler, steps, eta)
         chunks = self.chunks(num, max_batch)
         shape = self.sample_shape
@@ -290,6 +291,8 @@ def choose_backend(path, backend: str = "auto") -> tuple[str, Path, Path, Manife
     if backend == "onnxruntime" and onnx_path is None:
         what = "is a TensorRT plan" if path.suffix == ".plan" else f"has no {manifest.onnx}"
         raise file_error(path, f"{what}; the onnxruntime backend needs the bundle's ONNX file")
+    if backend == "onnxruntime":
+        check_onnx_files(onnx_path, manifest)
     return backend, (plan_path if backend == "tensorrt" else onnx_path), bundle_dir, manifest
 
 
@@ -343,6 +346,39 @@ def _renamed_batch_size(max_batch, deprecated: dict):
     if max_batch is not None:
         raise DtkError("pass max_batch only (batch_size is its old name)")
     return deprecated["batch_size"]
+
+
+def _check_options(denoiser_class, backend: str, opts: dict) -> None:
+    import inspect
+
+    parameters = inspect.signature(denoiser_class).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = [name for name in parameters if name not in ("onnx_path", "plan_path", "manifest")]
+    unknown = sorted(set(opts) - set(accepted))
+    if unknown:
+        raise DtkError(
+            f"unknown option {', '.join(unknown)} for the {backend} backend; it takes {', '.join(accepted)}"
+        )
+
+
+def _check_sample_args(num, steps, sampler, eta, callback, max_batch) -> None:
+    """Wrong argument types as DtkError naming the argument, not a TypeError from deep inside a sampler."""
+
+    def integer(value, name):  # ranges are checked where they are known (chunks, make_plan)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise DtkError(f"{name} must be an integer, got {value!r}")
+
+    integer(num, "num")
+    integer(steps, "steps")
+    if max_batch is not None:
+        integer(max_batch, "max_batch")
+    if not isinstance(sampler, str):
+        raise DtkError(f"sampler must be a sampler name, got {sampler!r}")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating)) or not np.isfinite(eta):
+        raise DtkError(f"eta must be a finite number, got {eta!r}")
+    if callback is not None and not callable(callback):
+        raise DtkError(f"callback must be callable, got {callback!r}")
 
 
 def _progress_bar(total: int, sampler: str):

@@ -160,14 +160,24 @@ def test_serve_summary_goals_and_table():
             "batched": {"images_per_s": 50.0, "latency_ms": {"p50": 320.0, "p99": 330.0}},
         },
         "server": [
-            {"clients": 1, "images_per_s": 9.5, "latency_ms": {"p50": 105.0, "p99": 130.0}},
-            {"clients": 16, "images_per_s": 45.0, "latency_ms": {"p50": 350.0, "p99": 400.0}},
+            {
+                "clients": 1,
+                "images_per_s": 9.5,
+                "latency_ms": {"p50": 105.0, "p99": 130.0},
+                "requests_per_run": 1.0,
+            },
+            {
+                "clients": 16,
+                "images_per_s": 45.0,
+                "latency_ms": {"p50": 350.0, "p99": 400.0},
+                "requests_per_run": 15.5,
+            },
         ],
     }
     data["goals"] = serve.goals(data)
     assert data["goals"] == {"throughput_16_clients_vs_batched": 0.9, "latency_1_client_vs_batch_1": 1.05}
     table = serve.markdown(data)
-    assert "| server, 16 client(s) | 45.0 | 350.0 | 400.0 |" in table
-    assert "| in process, batch 16 | 50.0 | 320.0 | 330.0 |" in table
+    assert "| server, 16 client(s) | 45.0 | 350.0 | 400.0 | 15.5 |" in table
+    assert "| in process, batch 16 | 50.0 | 320.0 | 330.0 | 16 |" in table
     assert "**0.9** (goal ≥ 0.8)" in table and "before / after: [1.0, 1.0, 1.0] / [2.0, 1.5, 1.0]" in table
     assert serve.goals({**data, "server": []})["throughput_16_clients_vs_batched"] is None

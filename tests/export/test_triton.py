@@ -207,3 +207,16 @@ def test_serving_repository_holds_both_models(tiny_bundle, tmp_path):
     (tmp_path / "repo" / "other").mkdir()  # not ours: refused, not replaced
     with pytest.raises(DtkError, match="not a Triton model directory"):
         write_sampler_model(tiny_bundle, tmp_path / "repo", SamplerOptions(name="other"))
+
+
+def test_sampler_model_carries_every_engine(tiny_bundle, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    for name in ("unet.plan", "unet.plan.json", "unet-orin.plan", "unet-orin.plan.json"):
+        (bundle / name).write_bytes(name.encode())
+    model_dir = write_sampler_model(bundle, tmp_path / "repo")
+    copied = sorted(p.name for p in (model_dir / "1" / "bundle").iterdir())
+    assert copied == sorted(
+        ["dtk.json", "unet.onnx", "unet.plan", "unet.plan.json", "unet-orin.plan", "unet-orin.plan.json"]
+    )
+    assert (model_dir / "1" / "bundle" / "unet-orin.plan").read_bytes() == b"unet-orin.plan"

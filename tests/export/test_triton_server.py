@@ -116,6 +116,30 @@ def test_settings_travel_with_the_request(client, local):
     assert all(np.array_equal(images[k], local(5 + k)) for k in range(3))
 
 
+def test_http_clients_and_plain_json(server, local):
+    """tritonclient.http (which adds protocol parameters of its own), and the JSON of serving.md's curl."""
+    import json
+    import urllib.request
+
+    with http.InferenceServerClient(server.http_url) as c:
+        seed = http.InferInput("seed", [1, 1], "INT64")
+        seed.set_data_from_numpy(np.array([[9]], dtype=np.int64))
+        image = c.infer("dtk_sampler", [seed], parameters={"sampler": "ddim"}).as_numpy("image")
+    assert np.array_equal(image[0], local(9))
+    body = {
+        "parameters": {"sampler": "ddpm"},
+        "inputs": [
+            {"name": "seed", "datatype": "INT64", "shape": [1, 1], "data": [7]},
+            {"name": "steps", "datatype": "INT32", "shape": [1, 1], "data": [6]},
+        ],
+    }
+    url = f"http://{server.http_url}/v2/models/dtk_sampler/infer"
+    with urllib.request.urlopen(url, data=json.dumps(body).encode(), timeout=30) as response:
+        (output,) = json.loads(response.read())["outputs"]
+    assert output["name"] == "image" and output["datatype"] == "UINT8" and output["shape"] == [1, 16, 16, 1]
+    assert np.array_equal(np.array(output["data"], dtype=np.uint8).reshape(16, 16, 1), local(7, 6, "ddpm"))
+
+
 def test_32_concurrent_clients_share_batches(server, local):
     stats = http.InferenceServerClient(server.http_url)
 
@@ -157,6 +181,15 @@ def bad_requests():
             "eta applies to the ddim sampler only",
         ),
         ("negative seed", {"seed": (np.array([[-3]], dtype=np.int64), "INT64")}, None, "non-negative"),
+        (
+            "rows with different steps",
+            {
+                "seed": (np.array([[1], [2]], dtype=np.int64), "INT64"),
+                "steps": (np.array([[3], [4]], dtype=np.int32), "INT32"),
+            },
+            None,
+            "differs between the rows of one request",
+        ),
         ("unknown parameter", {"seed": seed}, {"sampler": "ddim", "step": "5"}, "unknown request parameter"),
         (
             "batch over max_batch_size",
@@ -216,8 +249,25 @@ def test_bad_requests_in_a_batch_leave_the_others_answered(server, client, local
     assert np.array_equal(request_image(client, 7), local(7))
 
 
-def test_dtk_serve_prints_endpoints_and_stops_clean(tiny_bundle, local, tmp_path):
-    """`dtk serve` as a user runs it, stopped with SIGTERM: exit 0, nothing left in its TMPDIR or /dev/shm."""
+def test_client_example_writes_a_grid(server, local, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "grid.png"
+    assert (
+        client_example.main(["--url", server.grpc_url, "--num", "4", "--seed", "20", "--out", str(out)]) == 0
+    )
+    assert "4 images in" in capsys.readouterr().out
+    grid = np.asarray(Image.open(out))
+    assert np.array_equal(grid[2:18, 2:18], local(20)[..., 0])  # the first image, inside the grid's padding
+    closed = f"127.0.0.1:{server.ports['metrics']}"  # no gRPC service there
+    assert client_example.main(["--url", closed, "--num", "1", "--out", str(tmp_path / "x.png")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {closed}: ")
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_dtk_serve_prints_endpoints_and_stops_clean(tiny_bundle, local, tmp_path, stop):
+    """`dtk serve` as a user runs it, then stopped: exit 0, nothing left in its TMPDIR or /dev/shm."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     env = {**os.environ, "TMPDIR": str(tmp)}
@@ -243,7 +293,7 @@ def test_dtk_serve_prints_endpoints_and_stops_clean(tiny_bundle, local, tmp_path
             assert np.array_equal(request_image(c, 11), local(11))
         prefix = f"dtk_{process.pid}_"
         assert list(SHM_DIR.glob(f"{prefix}*"))  # the stub's regions exist while it runs ...
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
         out, err = process.communicate(timeout=60)
     finally:
         if process.poll() is None:

@@ -141,6 +141,9 @@ class FakeGpu:
         self.driver_ok, self.nvrtc_ok = driver, nvrtc
         self.driver_version, self.driver_ptx, self.nvrtc_ptx = driver_version, driver_ptx, nvrtc_ptx
         self.capture_loads = capture_loads
+        self.tensorrt_cuda_fails = (
+            False  # TensorRT's own CUDA start fails (error 35: a driver too old for it)
+        )
         self.nvrtc_archs = [75, 80, 86, 87, 89, 90]
         self.memory: dict[int, tuple[object, int, str]] = {}  # address -> (buffer, size, "device"|"pinned")
         self.streams: dict[int, FakeStream] = {}
@@ -524,14 +527,14 @@ class FakeGpu:
 
         def fill(buffer, data: bytes):
             """cuda-python writes through the buffer's pointer: into a bytearray, or into a bytes object's
-            own storage (shared with every equal interned bytes object)."""
+            own storage (shared with every equal interned bytes object); other types are a TypeError."""
             if not isinstance(buffer, bytes | bytearray):
                 raise TypeError(f"expected bytes, {type(buffer).__name__} found")
             assert len(buffer) >= len(data)
-            if isinstance(buffer, bytearray):
-                buffer[: len(data)] = data
-            else:
-                ctypes.memmove(ctypes.c_char_p(buffer), data, len(data))
+            # Writing into bytes would corrupt this test process (b" " * 1 is the interned b" "),
+            # so the fake stops where the real bindings would silently write.
+            assert isinstance(buffer, bytearray), "NVRTC output written into an immutable bytes object"
+            buffer[: len(data)] = data
             return (ok,)
 
         def create(source, name, count, headers, names):
@@ -617,7 +620,7 @@ def fake_tensorrt(gpu: FakeGpu, version: str = "10.3.0") -> types.ModuleType:
 
     def start_cuda(logger):
         """What Builder and Runtime do first: without a usable driver, log why and return nullptr."""
-        if not gpu.driver_ok:
+        if not gpu.driver_ok or gpu.tensorrt_cuda_fails:
             logger.log(Severity.ERROR, CUDA_INIT_FAILURE)
             raise TypeError(NULLPTR)
 
@@ -1107,3 +1110,29 @@ def write_fake_bundle(
     ).save(directory)
     (directory / "unet.onnx").write_bytes(fake_onnx(dim, image, io_dtype, **fake))
     return directory
+
+
+# -- wiring the fakes in -------------------------------------------------------------------------------------
+
+
+def install(monkeypatch, gpu: FakeGpu, version: str = "10.3.0") -> types.ModuleType:
+    """dtk's cuda-python calls go to `gpu`, `import tensorrt` gives a fake TensorRT `version` on it."""
+    import sys
+
+    from dtk.runtime.backends import cuda
+
+    monkeypatch.setattr(cuda, "_load_bindings", lambda: cuda.Bindings(gpu.runtime, gpu.driver, gpu.nvrtc))
+    monkeypatch.setattr(cuda, "_COMPILED", {})
+    trt = fake_tensorrt(gpu, version)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    return trt
+
+
+def plan_file(tmp_path, batch=(1, 2, 4), verify=False, bundle_options=None, **options):
+    """A fake bundle built into a plan with EngineOptions(**options): (plan path, manifest)."""
+    from dtk.export.tensorrt import EngineOptions, build_engine
+    from dtk.runtime.manifest import load_manifest
+
+    bundle = write_fake_bundle(tmp_path / "bundle", batch=batch, **(bundle_options or {}))
+    plan = build_engine(bundle, EngineOptions(verify=verify, **options), progress=False)
+    return plan, load_manifest(bundle)

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from dtk.runtime.errors import DtkError
-from dtk.runtime.manifest import load_manifest
 from dtk.runtime.samplers import SamplerPlan, sample_loop
 
 
@@ -33,13 +32,7 @@ def _fakes():
 
 
 def _install(monkeypatch, gpu, version="10.3.0"):
-    from dtk.runtime.backends import cuda
-
-    monkeypatch.setattr(cuda, "_load_bindings", lambda: cuda.Bindings(gpu.runtime, gpu.driver, gpu.nvrtc))
-    monkeypatch.setattr(cuda, "_COMPILED", {})
-    trt = _fakes().fake_tensorrt(gpu, version)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    return trt
+    return _fakes().install(monkeypatch, gpu, version)
 
 
 @pytest.fixture
@@ -50,11 +43,8 @@ def gpu(monkeypatch):
 
 
 def _plan_file(tmp_path, batch=(1, 2, 4), channels=1, size=8, **options):
-    from dtk.export.tensorrt import EngineOptions, build_engine
-
-    bundle = _fakes().write_fake_bundle(tmp_path / "bundle", batch=batch, channels=channels, size=size)
-    options.setdefault("verify", False)  # the engine check runs the fake too: test_engine_check.py has it
-    return build_engine(bundle, EngineOptions(**options), progress=False), load_manifest(bundle)
+    bundle_options = {"channels": channels, "size": size}
+    return _fakes().plan_file(tmp_path, batch, bundle_options=bundle_options, **options)
 
 
 def _denoiser(tmp_path, **kwargs):

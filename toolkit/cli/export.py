@@ -32,7 +32,13 @@ def parse_batch(value: str):
     metavar="DIR",
     default="bundle",
     show_default=True,
-    help="Bundle directory to write (an earlier bundle there is replaced; any other directory is refused).",
+    help="Bundle directory to write (an earlier bundle there is replaced; a directory holding anything else "
+    "is refused).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an earlier bundle even when it holds a TensorRT plan (unet.plan) built for it.",
 )
 @click.option(
     "--weights",
@@ -151,6 +157,7 @@ def parse_batch(value: str):
 def command(
     source,
     out,
+    force,
     weights,
     opset,
     batch,
@@ -203,7 +210,7 @@ def command(
     )
     start = time.perf_counter()
     try:
-        manifest = export_bundle(source, out, options, progress=not no_progress)
+        manifest = export_bundle(source, out, options, progress=not no_progress, force=force)
     except ParityError as e:
         click.echo(format_table(e.report))
         raise

@@ -211,6 +211,8 @@ def command(**flags):
     """Sample images from PATH: a checkpoint (model.pt, with PyTorch) or the run folder it is in, a bundle
     directory, .onnx or .plan."""
     options = SampleOptions(**flags)
+    if options.out.is_dir():
+        raise file_error(options.out, "is a directory; give a .png file name")
     for path, suffix, what in (
         (options.out, ".png", "the grid is written as PNG"),
         (options.trajectory, ".png", "the trajectory is written as PNG"),
