@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(BIN)/dtk inspect $(DEMO)/bundle
 	$(BIN)/dtk sample $(DEMO)/bundle --num 64 --steps 50 --sampler ddim --seed 0 --out $(DEMO)/samples.png
 	$(BIN)/dtk bench $(DEMO)/bundle --checkpoint $(DEMO)/run/model.pt --compare torch,onnxruntime,tensorrt \
-		--batch 1 --duration 2 --json $(DEMO)/bench.json
+		--batch 1 --duration 2 -o $(DEMO)/bench.json
 	@echo "demo: training grids in $(DEMO)/run/, runtime samples in $(DEMO)/samples.png, bench in $(DEMO)/bench.json"
 
 test: $(STAMP)

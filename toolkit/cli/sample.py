@@ -178,7 +178,12 @@ def write_npy(path: Path, array) -> Path:
     "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Same seed, same images."
 )
 @click.option(
-    "--out", type=click.Path(path_type=Path), default=Path("samples.png"), show_default=True, help="Grid PNG."
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("samples.png"),
+    show_default=True,
+    help="Grid PNG.",
 )
 @click.option("--images-dir", type=click.Path(path_type=Path), help="Also write each image as a PNG here.")
 @click.option("--nrow", type=click.IntRange(min=1), help="Images per grid row [default: √num].")
@@ -190,7 +195,11 @@ def write_npy(path: Path, array) -> Path:
     help="For bundles, .onnx and .plan (auto: TensorRT if a plan and a GPU are usable, else ONNX Runtime).",
 )
 @click.option(
-    "--batch-size", type=click.IntRange(min=1), help="Images per network call [default: all / max]."
+    "--batch",
+    "--batch-size",
+    "batch_size",
+    type=click.IntRange(min=1),
+    help="Most images per network call [default: all at once / the bundle's max].",
 )
 @click.option(
     "--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (mps: checkpoints)."
