@@ -321,33 +321,6 @@ def tensorrt_usable() -> bool:
         return False
 
 
-def check_output_type(output_type) -> None:
-    from dtk.runtime.pipeline_output import OUTPUT_TYPES
-
-    if output_type not in OUTPUT_TYPES:
-        raise DtkError(f"unknown output_type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
-
-
-def _renamed_batch_size(max_batch, deprecated: dict):
-    """`batch_size=` (the old name of `max_batch`) still works, with a DeprecationWarning."""
-    if not deprecated:
-        return max_batch
-    unknown = set(deprecated) - {"batch_size"}
-    if unknown:
-        raise DtkError(f"unknown argument {sorted(unknown)[0]!r}")
-    import warnings
-
-    warnings.warn(
-        "batch_size is renamed max_batch: it is the most images per network call, not diffusers' "
-        "batch_size (the number of images, `num` here)",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    if max_batch is not None:
-        raise DtkError("pass max_batch only (batch_size is its old name)")
-    return deprecated["batch_size"]
-
-
 def _check_options(denoiser_class, backend: str, opts: dict) -> None:
     import inspect
 
@@ -379,6 +352,33 @@ def _check_sample_args(num, steps, sampler, eta, callback, max_batch) -> None:
         raise DtkError(f"eta must be a finite number, got {eta!r}")
     if callback is not None and not callable(callback):
         raise DtkError(f"callback must be callable, got {callback!r}")
+
+
+def check_output_type(output_type) -> None:
+    from dtk.runtime.pipeline_output import OUTPUT_TYPES
+
+    if output_type not in OUTPUT_TYPES:
+        raise DtkError(f"unknown output_type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
+
+
+def _renamed_batch_size(max_batch, deprecated: dict):
+    """`batch_size=` (the old name of `max_batch`) still works, with a DeprecationWarning."""
+    if not deprecated:
+        return max_batch
+    unknown = set(deprecated) - {"batch_size"}
+    if unknown:
+        raise DtkError(f"unknown argument {sorted(unknown)[0]!r}")
+    import warnings
+
+    warnings.warn(
+        "batch_size is renamed max_batch: it is the most images per network call, not diffusers' "
+        "batch_size (the number of images, `num` here)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if max_batch is not None:
+        raise DtkError("pass max_batch only (batch_size is its old name)")
+    return deprecated["batch_size"]
 
 
 def _progress_bar(total: int, sampler: str):
