@@ -12,6 +12,7 @@ import pytest
 
 from dtk.cli import COMMANDS, main
 from dtk.cli.bench import _load_average
+from dtk.runtime.bench import comparison_columns, comparison_rows, format_table
 
 WRITES = {"train", "sample", "export", "bench", "triton"}  # build-engine writes into its BUNDLE
 LONG = {"train", "sample", "export", "build-engine"}  # commands with progress bars
@@ -69,22 +70,23 @@ def test_bench_compare_puts_the_whole_sample_in_the_table_and_plots_it(tiny_bund
     plot = tmp_path / "compare.png"
     argv = [sys.executable, "-m", "dtk", "bench", str(tiny_bundle), "--compare", "torch,onnxruntime"]
     argv += ["--warmup", "1x", "--iterations", "3", "--duration", "0", "--threads", "1"]
-    argv += ["--steps", "2", "--sample-runs", "1", "--plot", str(plot)]
+    argv += ["--steps", "2", "--sample-runs", "1", "--plot", str(plot), "--json"]
     run = subprocess.run(argv, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr
-    lines = run.stdout.splitlines()
-    header = next(line for line in lines if line.startswith("backend") and "vs torch eager" in line)
-    assert header.endswith("vs torch eager  sample ms  sample images/s")
-    rows = [line for line in lines if line.startswith(("torch ", "onnxruntime "))]
-    assert len(rows) == 2 and all(len(row.split()) == 12 for row in rows)
+    data = json.loads(run.stdout)  # --json: the results on stdout, nothing else
+    assert [r["backend"] for r in data["results"]] == ["torch", "onnxruntime"]
+    assert all(r["end_to_end"]["steps"] == 2 and "load_average" in r for r in data["results"])
     from PIL import Image
 
     with Image.open(plot) as picture:
-        assert picture.format == "PNG" and picture.size[0] == 1100
-    as_json = subprocess.run([*argv[:-2], "--json"], capture_output=True, text=True, timeout=240)
-    data = json.loads(as_json.stdout)  # --json: the results on stdout, nothing else
-    assert [r["backend"] for r in data["results"]] == ["torch", "onnxruntime"]
-    assert all(r["end_to_end"]["steps"] == 2 and "load_average" in r for r in data["results"])
+        assert picture.format == "PNG" and picture.size[0] == 1100  # two panels: per call, end to end
+    # the table that --compare prints without --json
+    table = format_table(comparison_rows(data["results"]), comparison_columns(data["results"])).splitlines()
+    assert table[0].endswith("vs torch eager  sample ms  sample images/s")
+    e2e = data["results"][1]["end_to_end"]
+    total = e2e["split_ms"]["total_ms"]
+    shown = f"{total:.3f}" if total < 100 else f"{total:.1f}"
+    assert table[2].split()[-2:] == [shown, f"{e2e['images_per_s']:.2f}"]  # the onnxruntime row
 
 
 def test_bench_plot_needs_compare_and_png(tiny_bundle, tmp_path, capsys):
