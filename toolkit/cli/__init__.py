@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         click.echo("aborted", err=True)
         return 130
     except click.ClickException as e:
-        e.show()
+        click.echo(usage_error(e), err=True)
         return e.exit_code
     except (DtkError, OSError, ModuleNotFoundError) as e:
         if debug:
@@ -98,6 +98,15 @@ def main(argv=None) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def usage_error(error: click.ClickException) -> str:
+    """click's own errors in dtk's shape: `error: <what is wrong> (see 'dtk <command> --help')`."""
+    text = f"error: {error.format_message()}"
+    ctx = getattr(error, "ctx", None)
+    if isinstance(error, click.UsageError) and ctx is not None:
+        text += f" (see '{ctx.command_path} --help')"
+    return text
 
 
 def missing_extra(error: ModuleNotFoundError, command: str | None = None):
