@@ -48,6 +48,7 @@ class ParityCase:
     worst_ratio: float  # max of |onnx − torch| / (atol + rtol·|torch|); ≤ 1 passes
     passed: bool
     problem: str = ""
+    labels: str = ""  # class-conditional models: the class_labels of this call ("" for unconditional ones)
 
 
 @dataclass
@@ -100,7 +101,7 @@ class ParityReport:
             "provider": self.provider,
             "reference": "PyTorch fp32 on CPU",
             "seed": self.seed,
-            "cases": [asdict(c) for c in self.cases],
+            "cases": [{k: v for k, v in asdict(c).items() if k != "labels" or v} for c in self.cases],
             "chain": asdict(self.chain) if self.chain else None,
             "seconds": round(self.seconds, 2),
         }
@@ -149,26 +150,36 @@ def check_parity(
     chain_steps: int = 20,
     seed: int = 0,
     progress: bool = True,
+    classes: dict | None = None,
 ) -> ParityReport:
-    """Run every case; the report says what passed (raise ParityError yourself, or use `verify`)."""
+    """Run every case; the report says what passed (raise ParityError yourself, or use `verify`).
+
+    A class-conditional model (`classes`) is called with class labels, and again with its null class (the
+    unconditional half of guidance) where it has one; the chain runs conditionally."""
     start = time.perf_counter()
     tolerance = tolerance or TOLERANCES[precision]
     session = _session(onnx_path)
     report = ParityReport(precision, tolerance, session.get_providers()[0], seed)
     T = diffusion.num_train_timesteps
-    cases = [(b, t) for b in sorted({batch["min"], batch["max"]}) for t in parity_timesteps(b, T)]
+    cases = [
+        (b, t, labels)
+        for b in sorted({batch["min"], batch["max"]})
+        for t in parity_timesteps(b, T)
+        for labels in parity_labels(b, classes)
+    ]
     rng = np.random.default_rng(seed)
-    inputs = [(rng.standard_normal((b, *sample_shape), dtype=np.float32), t) for b, t in cases]
+    inputs = [(rng.standard_normal((b, *sample_shape), dtype=np.float32), t, y) for b, t, y in cases]
 
     with _bar(2 * len(cases) + (1 if chain_steps else 0), progress) as bar, _one_torch_thread():
         # all ONNX Runtime calls, then all torch ones: their thread pools must not compete for few cores
-        onnx_out = [bar.step(_run(session, x, t)) for x, t in inputs]
-        refs = [bar.step(_torch(module, x, t)) for x, t in inputs]
-        for (b, t), out, ref in zip(cases, onnx_out, refs, strict=True):
-            report.cases.append(_compare(b, t, out, ref, tolerance))
+        onnx_out = [bar.step(_run(session, x, t, y)) for x, t, y in inputs]
+        refs = [bar.step(_torch(module, x, t, y)) for x, t, y in inputs]
+        for (b, t, y), out, ref in zip(cases, onnx_out, refs, strict=True):
+            report.cases.append(_compare(b, t, out, ref, tolerance, _labels_text(y, classes)))
         if chain_steps:  # at the smallest batch: the chain checks error growth, the cases above the batches
+            labels = parity_labels(batch["min"], classes)[0]
             report.chain = _chain(
-                session, module, diffusion, sample_shape, batch["min"], chain_steps, seed, tolerance
+                session, module, diffusion, sample_shape, batch["min"], chain_steps, seed, tolerance, labels
             )
             bar.update(1)
     report.seconds = time.perf_counter() - start
@@ -193,7 +204,7 @@ def format_table(report: ParityReport) -> str:
     for c in report.cases:
         rows.append(
             (
-                "single call",
+                f"single call, {c.labels}" if c.labels else "single call",
                 str(c.batch),
                 _span(c.timesteps),
                 f"{c.max_abs:.2e}",
@@ -231,6 +242,25 @@ def parity_timesteps(batch: int, T: int) -> list[np.ndarray]:
         return [_near(base, batch, T) for base in bases]
     sizes = [batch // 3 + (1 if k < batch % 3 else 0) for k in range(3)]
     return [np.concatenate([_near(base, n, T) for base, n in zip(bases, sizes, strict=True)])]
+
+
+def parity_labels(batch: int, classes: dict | None) -> list:
+    """The class_labels each case is called with: None (unconditional model), else the classes in turn and,
+    where the model has one, the null class."""
+    if classes is None:
+        return [None]
+    labels = [np.arange(batch, dtype=np.int64) % classes["num_classes"]]
+    if classes.get("null_class") is not None:
+        labels.append(np.full(batch, classes["null_class"], dtype=np.int64))
+    return labels
+
+
+def _labels_text(labels, classes: dict | None) -> str:
+    if labels is None:
+        return ""
+    if classes.get("null_class") is not None and np.all(labels == classes["null_class"]):
+        return f"null class {classes['null_class']}"
+    return "classes " + _span([int(v) for v in labels])
 
 
 def _span(ts: list[int]) -> str:
@@ -278,16 +308,22 @@ def _timesteps(t, batch: int) -> np.ndarray:
     return np.array(np.broadcast_to(np.asarray(t, dtype=np.float32), (batch,)))
 
 
-def _run(session, x: np.ndarray, t) -> np.ndarray:
-    return session.run(["model_output"], {"sample": x, "timestep": _timesteps(t, x.shape[0])})[0]
+def _run(session, x: np.ndarray, t, labels=None) -> np.ndarray:
+    feed = {"sample": x, "timestep": _timesteps(t, x.shape[0])}
+    if labels is not None:
+        feed["class_labels"] = np.asarray(labels, dtype=np.int64)
+    return session.run(["model_output"], feed)[0]
 
 
-def _torch(module, x: np.ndarray, t) -> np.ndarray:
+def _torch(module, x: np.ndarray, t, labels=None) -> np.ndarray:
     import torch
 
     with torch.inference_mode():
         sample = torch.from_numpy(np.array(x, dtype=np.float32))
-        return module(sample, torch.from_numpy(_timesteps(t, x.shape[0]))).float().numpy()
+        args = (sample, torch.from_numpy(_timesteps(t, x.shape[0])))
+        if labels is not None:
+            args += (torch.from_numpy(np.array(labels, dtype=np.int64)),)
+        return module(*args).float().numpy()
 
 
 def _nonfinite(out: np.ndarray, ref: np.ndarray) -> str:
@@ -300,13 +336,15 @@ def _nonfinite(out: np.ndarray, ref: np.ndarray) -> str:
     return ""
 
 
-def _compare(batch: int, ts, out: np.ndarray, ref: np.ndarray, tol: Tolerance) -> ParityCase:
+def _compare(
+    batch: int, ts, out: np.ndarray, ref: np.ndarray, tol: Tolerance, labels: str = ""
+) -> ParityCase:
     problem = _nonfinite(out, ref)
     if out.shape != ref.shape:
         problem = f"shape {list(out.shape)} != {list(ref.shape)}"
     if problem:
         return ParityCase(
-            batch, [int(t) for t in ts], float("nan"), float("nan"), float("inf"), False, problem
+            batch, [int(t) for t in ts], float("nan"), float("nan"), float("inf"), False, problem, labels
         )
     diff = np.abs(out.astype(np.float64) - ref)
     ratio = (
@@ -321,10 +359,13 @@ def _compare(batch: int, ts, out: np.ndarray, ref: np.ndarray, tol: Tolerance) -
         max_ref=float(np.abs(ref).max()),
         worst_ratio=ratio,
         passed=ratio <= 1.0,
+        labels=labels,
     )
 
 
-def _chain(session, module, diffusion, sample_shape, batch, steps, seed, tol: Tolerance) -> ChainResult:
+def _chain(
+    session, module, diffusion, sample_shape, batch, steps, seed, tol: Tolerance, labels=None
+) -> ChainResult:
     from dtk.runtime.samplers import NoiseSource, make_plan, sample_loop
 
     plan = make_plan(CHAIN_SAMPLER, diffusion, steps, eta=0.0)
@@ -334,8 +375,8 @@ def _chain(session, module, diffusion, sample_shape, batch, steps, seed, tol: To
         x = source.initial(batch, sample_shape)
         return sample_loop(denoise, x, plan, lambda i: source.step(batch, sample_shape))
 
-    out = run(lambda x, t: _run(session, np.asarray(x, dtype=np.float32), t))
-    ref = run(lambda x, t: _torch(module, np.asarray(x, dtype=np.float32), t))
+    out = run(lambda x, t: _run(session, np.asarray(x, dtype=np.float32), t, labels))
+    ref = run(lambda x, t: _torch(module, np.asarray(x, dtype=np.float32), t, labels))
     problem = _nonfinite(np.asarray(out), np.asarray(ref))
     max_abs = float(np.max(np.abs(out - ref))) if not problem else float("nan")
     max_ref = float(np.max(np.abs(ref))) if not problem else float("nan")

@@ -14,6 +14,7 @@ import numpy as np
 
 from dtk.runtime.errors import DtkError, file_error
 from dtk.runtime.files import write_text
+from dtk.runtime.guidance import check_classes
 from dtk.runtime.schedule import DiffusionConfig
 
 SCHEMA = "dtk.bundle"
@@ -24,6 +25,7 @@ PLAN_NAME = "unet.plan"
 SIDECAR_SUFFIX = ".json"  # unet.plan -> unet.plan.json
 DTYPES = ("float32", "float16", "int64", "int32")
 PRECISIONS = ("fp32", "fp16")
+CLASS_LABELS = "class_labels"  # the int64 [batch] input of a class-conditional graph
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Manifest:
     model: dict = field(default_factory=dict)  # architecture config and parameter count, informative
     export: dict = field(default_factory=dict)  # exporter settings, informative
     created_by: str = ""
+    classes: dict | None = None  # conditional models: num_classes, names, null_class (dtk.runtime.guidance)
 
     @property
     def prediction_type(self) -> str:
@@ -92,6 +95,7 @@ class Manifest:
             "source": self.source,
             "model": self.model,
             "export": self.export,
+            **({"classes": self.classes} if self.classes is not None else {}),
         }
 
     def save(self, bundle_dir: str | Path) -> Path:
@@ -156,6 +160,7 @@ def _parse(data, where: str) -> Manifest:
             model=data.get("model", {}),
             export=data.get("export", {}),
             created_by=data.get("created_by", ""),
+            classes=check_classes(data["classes"]) if data.get("classes") is not None else None,
         )
     except DtkError as e:
         raise file_error(where, str(e)) from None
@@ -169,10 +174,17 @@ def _parse(data, where: str) -> Manifest:
         "batch needs 1 <= min <= opt <= max",
     )
     names = [s.name for s in inputs]
-    need(
-        len(inputs) == 2 and len(outputs) == 1,
-        f"expected inputs (sample, timestep) and one output, got {names}",
-    )
+    if manifest.classes is None:
+        need(
+            len(inputs) == 2 and len(outputs) == 1,
+            f"expected inputs (sample, timestep) and one output, got {names}",
+        )
+    else:
+        need(
+            len(inputs) == 3 and inputs[2].name == CLASS_LABELS and inputs[2].dtype == "int64",
+            f"a class-conditional bundle needs inputs (sample, timestep, {CLASS_LABELS} int64), got {names}",
+        )
+        need(len(outputs) == 1, f"expected one output, got {[s.name for s in outputs]}")
     for spec in inputs + outputs:
         need(spec.dtype in DTYPES, f"tensor {spec.name!r} has unknown dtype {spec.dtype!r}")
     return manifest

@@ -82,15 +82,23 @@ class Pipeline:
         callback=None,
         batch_size: int | None = None,
         progress: bool = False,
+        labels=None,
+        guidance_scale: float = 1.0,
     ) -> np.ndarray:
         """float32 [num, C, H, W] in the model's data range. `callback(done, total)` after every denoising
-        step, counted over all chunks; `progress` shows a tqdm bar on stderr."""
+        step, counted over all chunks; `progress` shows a tqdm bar on stderr.
+
+        A class-conditional bundle takes `labels`: one label for every image (an index, its text "7" or a
+        class name), one per image, or "all" (a row per class); None samples the null class. With
+        `guidance_scale` s ≠ 1, classifier-free guidance (`dtk.runtime.guidance`)."""
+        from dtk.runtime.guidance import sampling_labels
         from dtk.runtime.samplers import NoiseSource, sample_loop
 
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise DtkError(f"seed must be a non-negative integer, got {seed!r}")
         plan = self.plan(sampler, steps, eta)
         chunks = self.chunks(num, batch_size)
+        class_labels = sampling_labels(self.manifest.classes, labels, guidance_scale, num, self.bundle_dir)
         total = len(chunks) * plan.steps
         bar = _progress_bar(total, sampler) if progress else None
         done = 0
@@ -116,7 +124,10 @@ class Pipeline:
                 def noise(i, source=source, run=run):
                     return source.step(run, shape)
 
-                if run_chain is not None:
+                if class_labels is not None:  # on the host: guidance combines two outputs before the update
+                    chunk_labels = np.resize(class_labels[first : first + keep], run)  # pad: any label
+                    x = sample_loop(self._guided(chunk_labels, guidance_scale), x, plan, noise, step_callback)
+                elif run_chain is not None:
                     x = run_chain(plan, x, noise, step_callback)
                 else:
                     x = sample_loop(self._denoise, x, plan, noise, step_callback)
@@ -138,6 +149,15 @@ class Pipeline:
     def _denoise(self, x: np.ndarray, t: int) -> np.ndarray:
         return self.denoiser(x, np.full(x.shape[0], t, dtype=self.manifest.inputs[1].dtype))
 
+    def _guided(self, labels: np.ndarray, guidance_scale: float):
+        from dtk.runtime.guidance import guided
+
+        def denoise(x, t, class_labels):
+            return self.denoiser(x, np.full(x.shape[0], t, dtype=self.manifest.inputs[1].dtype), class_labels)
+
+        null = self.manifest.classes["null_class"]
+        return guided(denoise, labels, null, guidance_scale, self.denoiser.batch_range[1])
+
     def sample(
         self,
         num: int = 1,
@@ -148,11 +168,16 @@ class Pipeline:
         callback=None,
         batch_size: int | None = None,
         progress: bool = False,
+        labels=None,
+        guidance_scale: float = 1.0,
     ) -> np.ndarray:
         """uint8 images [num, H, W, C]; the arguments are those of `sample_latents`."""
         from dtk.runtime.images import to_uint8
 
-        return to_uint8(self.sample_latents(num, steps, sampler, seed, eta, callback, batch_size, progress))
+        latents = self.sample_latents(
+            num, steps, sampler, seed, eta, callback, batch_size, progress, labels, guidance_scale
+        )
+        return to_uint8(latents)
 
     def close(self) -> None:
         self.denoiser.close()

@@ -106,6 +106,14 @@ def option(name: str, help: str, **kwargs):
 @click.option(
     "--progress/--no-progress", "progress", default=True, show_default=True, help="Show a progress bar."
 )
+@option(
+    "class_conditional",
+    "Learn a class embedding (labels: digits 0-9, shapes by kind, or the folder's first-level subfolders).",
+    is_flag=True,
+)
+@option(
+    "cond_dropout", "Share of labels replaced by the null class, for classifier-free guidance.", type=float
+)
 def command(**options):
     """Train a DDPM U-Net and write OUT/model.pt (with EMA weights and the state to resume from).
 
