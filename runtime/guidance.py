@@ -66,9 +66,9 @@ def resolve_labels(labels, classes: dict | None, num: int) -> np.ndarray:
     if isinstance(labels, str) and labels == ALL_CLASSES:
         count = classes["num_classes"]
         if num % count:
-            raise DtkError(f"--class all needs a multiple of {count} images (one row per class), got {num}")
+            raise DtkError(f'class "all" needs a multiple of {count} images (a row per class), got {num}')
         return np.repeat(np.arange(count, dtype=np.int64), num // count)
-    if isinstance(labels, (str, int, np.integer)):
+    if isinstance(labels, (str, int, np.integer)) or not hasattr(labels, "__iter__"):
         return np.full(num, class_index(labels, classes), dtype=np.int64)
     labels = list(labels)
     if len(labels) != num:

@@ -211,7 +211,11 @@ class Trainer:
         ):
             if theirs != ours:
                 a, b = theirs.to_dict(), ours.to_dict()
-                diff = ", ".join(f"{k}: {a[k]} in the checkpoint, {b[k]} now" for k in a if a[k] != b.get(k))
+                diff = ", ".join(
+                    f"{k}: {a.get(k)} in the checkpoint, {b.get(k)} now"
+                    for k in {**a, **b}
+                    if a.get(k) != b.get(k)
+                )
                 raise file_error(path, f"cannot resume: the {what} differs ({diff})")
         if ckpt.classes != self.classes:
             raise file_error(
