@@ -141,3 +141,26 @@ def test_an_unconditional_bundle_records_no_classes(tiny_bundle):
     data = json.loads((tiny_bundle / "dtk.json").read_text())
     assert "classes" not in data and [i["name"] for i in data["io"]["inputs"]] == ["sample", "timestep"]
     assert all("labels" not in case for case in data["parity"]["cases"])
+
+
+def test_cli_samples_a_class_a_row_per_class_and_refuses_bad_labels(conditional_bundle, tmp_path, capsys):
+    from PIL import Image
+
+    from dtk.cli import main
+
+    grid = tmp_path / "grid.png"
+    argv = ["sample", str(conditional_bundle), "--steps", "3", "--out", str(grid), "--no-progress"]
+    assert main([*argv, "--class", "all", "--num", "6", "--guidance-scale", "3"]) == 0
+    with Image.open(grid) as image:  # 3 rows (one per class) of 2 images of 8 px, 2 px padding
+        assert image.size == (2 + 2 * 10, 2 + 3 * 10)
+    assert main([*argv, "--class", "square,2", "--num", "2"]) == 0
+    capsys.readouterr()
+    for label, message in (
+        ("7", "class 7 is out of range: this model has classes 0..2"),
+        ("hexagon", "unknown class"),
+    ):
+        assert main([*argv, "--class", label]) == 1
+        err = capsys.readouterr().err
+        assert (
+            err.startswith("error: ") and message in err and "Traceback" not in err and err.count("\n") == 1
+        )

@@ -33,6 +33,8 @@ class SampleOptions:
     device: str = "auto"
     weights: str | None = None
     progress: bool = True
+    class_labels: str | None = None  # --class: an index, a class name, a comma-separated list, or "all"
+    guidance_scale: float = 1.0
 
 
 @dataclass
@@ -40,6 +42,7 @@ class SampleResult:
     images: object  # uint8 [N, H, W, C]
     backend: str
     seconds: float  # sampling only, not loading
+    nrow: int | None = None  # images per grid row the labels ask for (--class all: a row per class)
 
 
 def sample(options: SampleOptions) -> SampleResult:
@@ -74,8 +77,11 @@ def _sample_checkpoint(path: Path, options: SampleOptions) -> SampleResult:
         batch_size=options.batch_size,
         progress=options.progress,
         weights=options.weights or "ema",
+        **_guidance(options),
     )
-    return SampleResult(to_uint8(latents), "pytorch", time.perf_counter() - start)
+    return SampleResult(
+        to_uint8(latents), "pytorch", time.perf_counter() - start, _row(options, ckpt.classes)
+    )
 
 
 def _sample_runtime(path: Path, options: SampleOptions) -> SampleResult:
@@ -94,8 +100,24 @@ def _sample_runtime(path: Path, options: SampleOptions) -> SampleResult:
             eta=options.eta,
             batch_size=options.batch_size,
             progress=options.progress,
+            **_guidance(options),
         )
-        return SampleResult(images, pipeline.backend, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return SampleResult(images, pipeline.backend, seconds, _row(options, pipeline.manifest.classes))
+
+
+def _guidance(options: SampleOptions) -> dict:
+    """--class and --guidance-scale as sampling arguments; a comma-separated --class: a label per image."""
+    labels = options.class_labels
+    if labels is not None and "," in labels:
+        labels = [part.strip() for part in labels.split(",")]
+    return {"labels": labels, "guidance_scale": options.guidance_scale}
+
+
+def _row(options: SampleOptions, classes: dict | None) -> int | None:
+    if options.class_labels == "all" and classes is not None:
+        return options.num // classes["num_classes"]
+    return None
 
 
 def _backend_options(path: Path, backend: str, device: str) -> tuple[str, dict]:
@@ -122,7 +144,7 @@ def _backend_options(path: Path, backend: str, device: str) -> tuple[str, dict]:
 def write_outputs(result: SampleResult, options: SampleOptions) -> list[Path]:
     from dtk.runtime.images import save_grid, save_images
 
-    written = [save_grid(result.images, options.out, nrow=options.nrow)]
+    written = [save_grid(result.images, options.out, nrow=options.nrow or result.nrow)]
     if options.images_dir is not None:
         written += save_images(result.images, options.images_dir)
     return written
@@ -159,6 +181,19 @@ def write_outputs(result: SampleResult, options: SampleOptions) -> list[Path]:
 )
 @click.option("--weights", type=click.Choice(["ema", "raw"]), help="Checkpoint weights [default: ema].")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@click.option(
+    "--class",
+    "class_labels",
+    help="Class-conditional models: a class index or name for every image, one per image comma-separated, "
+    "or 'all' (a grid row per class; --num a multiple of the class count) [default: the null class].",
+)
+@click.option(
+    "--guidance-scale",
+    type=click.FloatRange(min=0.0),
+    default=1.0,
+    show_default=True,
+    help="Classifier-free guidance s: ε_u + s·(ε_c − ε_u); 1: the conditional model alone, 0: unconditional.",
+)
 def command(**flags):
     """Sample images from PATH: a checkpoint (model.pt, with PyTorch), a bundle directory, .onnx or .plan."""
     options = SampleOptions(**flags)
