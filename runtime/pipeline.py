@@ -10,11 +10,13 @@ an image.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from dtk.runtime.errors import DtkError, file_error
+from dtk.runtime.integrity import check_onnx_files
 from dtk.runtime.manifest import Manifest, resolve_bundle
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -41,16 +43,15 @@ class Pipeline:
 
         `opts` go to the backend: OnnxRuntimeDenoiser(providers, threads, device_id, io_binding) or
         TensorRTDenoiser(device, cuda_graph)."""
+        if not isinstance(path, (str, Path)) or not str(path):
+            raise DtkError(f"Pipeline.load takes a bundle directory, .onnx or .plan path, got {path!r}")
         backend, model_path, bundle_dir, manifest = choose_backend(path, backend)
         if backend == "tensorrt":
-            from dtk.runtime.backends.tensorrt import TensorRTDenoiser
-
-            denoiser = TensorRTDenoiser(model_path, manifest, **opts)
+            from dtk.runtime.backends.tensorrt import TensorRTDenoiser as Denoiser
         else:
-            from dtk.runtime.backends.onnxruntime import OnnxRuntimeDenoiser
-
-            denoiser = OnnxRuntimeDenoiser(model_path, manifest, **opts)
-        return cls(manifest, denoiser, bundle_dir)
+            from dtk.runtime.backends.onnxruntime import OnnxRuntimeDenoiser as Denoiser
+        _check_options(Denoiser, backend, opts)
+        return cls(manifest, Denoiser(model_path, manifest, **opts), bundle_dir)
 
     @property
     def backend(self) -> str:
@@ -82,11 +83,13 @@ class Pipeline:
         callback=None,
         batch_size: int | None = None,
         progress: bool = False,
+        seeds=None,
         labels=None,
         guidance_scale: float = 1.0,
     ) -> np.ndarray:
         """float32 [num, C, H, W] in the model's data range. `callback(done, total)` after every denoising
-        step, counted over all chunks; `progress` shows a tqdm bar on stderr.
+        step, counted over all chunks; `progress` shows a tqdm bar on stderr. `seeds`, one per image,
+        replaces num and seed: image k is then what `num=1, seed=seeds[k]` gives (a server's requests).
 
         A class-conditional bundle takes `labels`: one label for every image (an index, its text "7" or a
         class name), one per image, or "all" (a row per class); None samples the null class. With
@@ -94,8 +97,11 @@ class Pipeline:
         from dtk.runtime.guidance import sampling_labels
         from dtk.runtime.samplers import NoiseSource, sample_loop
 
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise DtkError(f"seed must be a non-negative integer, got {seed!r}")
+        for value in [seed] if seeds is None else seeds:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise DtkError(f"seed must be a non-negative integer, got {value!r}")
+        num = num if seeds is None else len(seeds)
+        _check_sample_args(num, steps, sampler, eta, callback, batch_size)
         plan = self.plan(sampler, steps, eta)
         chunks = self.chunks(num, batch_size)
         class_labels = sampling_labels(self.manifest.classes, labels, guidance_scale, num, self.bundle_dir)
@@ -118,7 +124,11 @@ class Pipeline:
         images = []
         try:
             for first, keep, run in chunks:
-                source = NoiseSource(seed, first_index=first)
+                if seeds is None:
+                    source = NoiseSource(seed, first_index=first)
+                else:  # a run padded past `keep` repeats the last seed; those images are dropped
+                    chunk = list(seeds[first : first + keep])
+                    source = NoiseSource.per_image(chunk + chunk[-1:] * (run - keep))
                 x = source.initial(run, shape)
 
                 def noise(i, source=source, run=run):
@@ -168,6 +178,7 @@ class Pipeline:
         callback=None,
         batch_size: int | None = None,
         progress: bool = False,
+        seeds=None,
         labels=None,
         guidance_scale: float = 1.0,
     ) -> np.ndarray:
@@ -175,7 +186,7 @@ class Pipeline:
         from dtk.runtime.images import to_uint8
 
         latents = self.sample_latents(
-            num, steps, sampler, seed, eta, callback, batch_size, progress, labels, guidance_scale
+            num, steps, sampler, seed, eta, callback, batch_size, progress, seeds, labels, guidance_scale
         )
         return to_uint8(latents)
 
@@ -210,12 +221,29 @@ def choose_backend(path, backend: str = "auto") -> tuple[str, Path, Path, Manife
     if backend == "auto":
         use_plan = plan_path is not None and (onnx_path is None or tensorrt_usable())
         backend = "tensorrt" if use_plan else "onnxruntime"
+    if backend == "tensorrt" and path.is_dir():
+        plan_path = _matching_plan(bundle_dir, manifest) or plan_path
     if backend == "tensorrt" and plan_path is None:
         raise file_error(path, "has no TensorRT plan; build one with `dtk build-engine BUNDLE`")
     if backend == "onnxruntime" and onnx_path is None:
         what = "is a TensorRT plan" if path.suffix == ".plan" else f"has no {manifest.onnx}"
         raise file_error(path, f"{what}; the onnxruntime backend needs the bundle's ONNX file")
+    if backend == "onnxruntime":
+        check_onnx_files(onnx_path, manifest)
     return backend, (plan_path if backend == "tensorrt" else onnx_path), bundle_dir, manifest
+
+
+def _matching_plan(bundle_dir: Path, manifest: Manifest) -> Path | None:
+    """With several engines in the bundle (one per GPU model or precision), the one this machine may run,
+    saying on stderr which was taken; None with one engine or none (the backend checks that one itself)."""
+    from dtk.runtime.sidecar import bundle_plans, current_target, pick_plan
+
+    plans = bundle_plans(bundle_dir, manifest.plan)
+    if len(plans) < 2:
+        return None
+    plan, line = pick_plan(plans, current_target())
+    print(line, file=sys.stderr)
+    return plan
 
 
 def tensorrt_usable() -> bool:
@@ -228,6 +256,39 @@ def tensorrt_usable() -> bool:
         return error == runtime.cudaError_t.cudaSuccess and count > 0
     except Exception:  # not installed, no driver, a broken install: all mean "not usable here"
         return False
+
+
+def _check_options(denoiser_class, backend: str, opts: dict) -> None:
+    import inspect
+
+    parameters = inspect.signature(denoiser_class).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = [name for name in parameters if name not in ("onnx_path", "plan_path", "manifest")]
+    unknown = sorted(set(opts) - set(accepted))
+    if unknown:
+        raise DtkError(
+            f"unknown option {', '.join(unknown)} for the {backend} backend; it takes {', '.join(accepted)}"
+        )
+
+
+def _check_sample_args(num, steps, sampler, eta, callback, batch_size) -> None:
+    """Wrong argument types as DtkError naming the argument, not a TypeError from deep inside a sampler."""
+
+    def integer(value, name):  # ranges are checked where they are known (chunks, make_plan)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise DtkError(f"{name} must be an integer, got {value!r}")
+
+    integer(num, "num")
+    integer(steps, "steps")
+    if batch_size is not None:
+        integer(batch_size, "batch_size")
+    if not isinstance(sampler, str):
+        raise DtkError(f"sampler must be a sampler name, got {sampler!r}")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating)) or not np.isfinite(eta):
+        raise DtkError(f"eta must be a finite number, got {eta!r}")
+    if callback is not None and not callable(callback):
+        raise DtkError(f"callback must be callable, got {callback!r}")
 
 
 def _progress_bar(total: int, sampler: str):

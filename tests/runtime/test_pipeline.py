@@ -137,6 +137,26 @@ def test_bad_arguments_are_clear_errors(manifest, kwargs, message):
         fake_pipeline(manifest, 1, 8).sample(**{"num": 2, "steps": 3, **kwargs})
 
 
+def test_per_image_seeds_give_each_seeds_own_image(manifest):
+    """A server's batch: one run over requests with their own seeds, each image what `num=1, seed=s` makes."""
+    seeds = [9, 2, 9, 0, 31]
+    pipe = fake_pipeline(manifest, 1, 4)
+    latents = pipe.sample_latents(steps=5, sampler="ddpm", seeds=seeds)
+    assert pipe.denoiser.batches == [4] * 5 + [1] * 5  # chunked at the model's max batch
+    for k, seed in enumerate(seeds):
+        np.testing.assert_array_equal(
+            latents[k], pipe.sample_latents(num=1, steps=5, sampler="ddpm", seed=seed)[0]
+        )
+    padded = fake_pipeline(manifest, 4, 4)  # a fixed-batch model pads the run: the padding is dropped
+    images = padded.sample(steps=3, sampler="ddim", seeds=[5, 6])
+    assert images.shape == (2, 16, 16, 1) and padded.denoiser.batches == [4, 4, 4]
+    np.testing.assert_array_equal(images[1], padded.sample(num=1, steps=3, sampler="ddim", seed=6)[0])
+    with pytest.raises(DtkError, match="seed must be a non-negative integer, got -1"):
+        pipe.sample(seeds=[1, -1])
+    with pytest.raises(DtkError, match="num must be at least 1"):
+        pipe.sample(seeds=[])
+
+
 def test_close_and_context_manager(manifest):
     with fake_pipeline(manifest, 1, 2) as pipe:
         assert pipe.backend == "fake"
@@ -157,6 +177,17 @@ def test_load_bundle_onnx_and_same_images(tiny_bundle):
         again = pipe.sample_latents(num=3, steps=5, sampler="ddpm", seed=11)
     np.testing.assert_allclose(again, latents, atol=1e-4)  # batch 3 at once vs three batches of 1
     assert not np.allclose(latents[0], latents[1])  # every image has its own noise
+
+
+def test_per_image_seeds_on_onnxruntime_are_the_single_images_byte_for_byte(tiny_bundle):
+    """What dtk_sampler serves: a batched run over request seeds equals one `num=1` call per seed, exactly."""
+    seeds = [3, 0, 8, 3]
+    with Pipeline.load(tiny_bundle, threads=1) as pipe:
+        for sampler, steps in (("ddim", 4), ("ddpm", 5)):
+            batched = pipe.sample(steps=steps, sampler=sampler, seeds=seeds)
+            alone = [pipe.sample(num=1, steps=steps, sampler=sampler, seed=s)[0] for s in seeds]
+            assert all(np.array_equal(batched[k], alone[k]) for k in range(len(seeds))), sampler
+    assert not np.array_equal(batched[0], batched[1])
 
 
 def test_load_errors(tiny_bundle, tmp_path):

@@ -197,6 +197,8 @@ def write_outputs(result: SampleResult, options: SampleOptions) -> list[Path]:
 def command(**flags):
     """Sample images from PATH: a checkpoint (model.pt, with PyTorch), a bundle directory, .onnx or .plan."""
     options = SampleOptions(**flags)
+    if options.out.is_dir():
+        raise file_error(options.out, "is a directory; give a .png file name")
     if options.out.suffix.lower() != ".png":
         raise file_error(options.out, "the grid is written as PNG: use a .png name")
     result = sample(options)
