@@ -2,6 +2,7 @@
 
     with Pipeline.load("bundle/") as pipe:
         images = pipe.sample(num=16, steps=50, sampler="ddim", seed=0)   # uint8 [16, H, W, C]
+        images = pipe(num_images=16, num_inference_steps=50, generator=0).images   # diffusers-style, [0, 1]
 
 Images are sampled in chunks of at most the model's batch. Each image draws its noise from its own
 generator (`NoiseSource(seed, first_index=k)` for the chunk starting at image k), so chunking never changes
@@ -62,12 +63,14 @@ class Pipeline:
         """(C, H, W) of one image."""
         return (self.manifest.in_channels, *self.manifest.image_size)
 
-    def chunks(self, num: int, batch_size: int | None = None) -> list[tuple[int, int, int]]:
-        """(first image, images kept, batch run) per chunk; a run is padded up to the model's min batch."""
+    def chunks(self, num: int, max_batch: int | None = None, **deprecated) -> list[tuple[int, int, int]]:
+        """(first image, images kept, batch run) per chunk of at most `max_batch` images (default: the model's
+        largest batch); a run is padded up to the model's min batch."""
+        max_batch = _renamed_batch_size(max_batch, deprecated)
         if num < 1:
             raise DtkError(f"num must be at least 1, got {num}")
         low, high = self.denoiser.batch_range
-        size = min(high, self.manifest.batch["max"]) if batch_size is None else batch_size
+        size = min(high, self.manifest.batch["max"]) if max_batch is None else max_batch
         if not low <= size <= high:
             hint = f"exactly {low}" if low == high else f"{low}..{high}"
             raise DtkError(f"batch size {size} is outside the model's batch range ({hint})")
@@ -81,15 +84,26 @@ class Pipeline:
         seed: int = 0,
         eta: float = 0.0,
         callback=None,
-        batch_size: int | None = None,
+        max_batch: int | None = None,
         progress: bool = False,
         seeds=None,
+        *,
+        latents=None,
+        step_callback=None,
         labels=None,
         guidance_scale: float = 1.0,
+        **deprecated,
     ) -> np.ndarray:
         """float32 [num, C, H, W] in the model's data range. `callback(done, total)` after every denoising
         step, counted over all chunks; `progress` shows a tqdm bar on stderr. `seeds`, one per image,
         replaces num and seed: image k is then what `num=1, seed=seeds[k]` gives (a server's requests).
+
+        `max_batch` is the most images per network call (the run is split into chunks of it; diffusers'
+        `batch_size` is the number of images, `num` here; the old name `batch_size` still works, with a
+        DeprecationWarning). `latents` float32 [num, C, H, W] replaces the initial noise x_T (each image's
+        generator still draws it, so the step noise is the same: `latents` equal to what the seed draws gives
+        the same images). `step_callback(step_index, timestep, x)` sees each chunk's current sample after
+        every step.
 
         A class-conditional bundle takes `labels`: one label for every image (an index, its text "7" or a
         class name), one per image, or "all" (a row per class); None samples the null class. With
@@ -97,17 +111,26 @@ class Pipeline:
         from dtk.runtime.guidance import sampling_labels
         from dtk.runtime.samplers import NoiseSource, sample_loop
 
+        max_batch = _renamed_batch_size(max_batch, deprecated)
+
         for value in [seed] if seeds is None else seeds:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise DtkError(f"seed must be a non-negative integer, got {value!r}")
         num = num if seeds is None else len(seeds)
-        _check_sample_args(num, steps, sampler, eta, callback, batch_size)
+        _check_sample_args(num, steps, sampler, eta, callback, max_batch)
         plan = self.plan(sampler, steps, eta)
-        chunks = self.chunks(num, batch_size)
+        chunks = self.chunks(num, max_batch)
         class_labels = sampling_labels(self.manifest.classes, labels, guidance_scale, num, self.bundle_dir)
+        shape = self.sample_shape
+        if latents is not None:
+            latents = np.asarray(latents, dtype=np.float32)
+            if latents.shape != (num, *shape):
+                raise DtkError(f"latents must be float32 {[num, *shape]}, got shape {list(latents.shape)}")
         total = len(chunks) * plan.steps
         bar = _progress_bar(total, sampler) if progress else None
         done = 0
+
+        keep = 0
 
         def on_step(i, t, x):
             nonlocal done
@@ -116,11 +139,12 @@ class Pipeline:
                 bar.update(1)
             if callback is not None:
                 callback(done, total)
+            if step_callback is not None:
+                step_callback(i, int(t), np.asarray(x, dtype=np.float32)[:keep])
 
         # without a listener no step callback at all: a device chain would copy x back for it
-        step_callback = on_step if callback is not None or bar is not None else None
+        listening = callback is not None or bar is not None or step_callback is not None
         run_chain = getattr(self.denoiser, "run_chain", None)
-        shape = self.sample_shape
         images = []
         try:
             for first, keep, run in chunks:
@@ -130,17 +154,20 @@ class Pipeline:
                     chunk = list(seeds[first : first + keep])
                     source = NoiseSource.per_image(chunk + chunk[-1:] * (run - keep))
                 x = source.initial(run, shape)
+                if latents is not None:  # drawn all the same: the step noise that follows stays the same
+                    x[:keep] = latents[first : first + keep]
 
                 def noise(i, source=source, run=run):
                     return source.step(run, shape)
 
                 if class_labels is not None:  # on the host: guidance combines two outputs before the update
                     chunk_labels = np.resize(class_labels[first : first + keep], run)  # pad: any label
-                    x = sample_loop(self._guided(chunk_labels, guidance_scale), x, plan, noise, step_callback)
+                    denoise = self._guided(chunk_labels, guidance_scale)
+                    x = sample_loop(denoise, x, plan, noise, on_step if listening else None)
                 elif run_chain is not None:
-                    x = run_chain(plan, x, noise, step_callback)
+                    x = run_chain(plan, x, noise, on_step if listening else None)
                 else:
-                    x = sample_loop(self._denoise, x, plan, noise, step_callback)
+                    x = sample_loop(self._denoise, x, plan, noise, on_step if listening else None)
                 images.append(np.asarray(x, dtype=np.float32)[:keep])
         finally:
             if bar is not None:
@@ -176,19 +203,81 @@ class Pipeline:
         seed: int = 0,
         eta: float = 0.0,
         callback=None,
-        batch_size: int | None = None,
+        max_batch: int | None = None,
         progress: bool = False,
         seeds=None,
-        labels=None,
-        guidance_scale: float = 1.0,
+        **options,
     ) -> np.ndarray:
         """uint8 images [num, H, W, C]; the arguments are those of `sample_latents`."""
         from dtk.runtime.images import to_uint8
 
         latents = self.sample_latents(
-            num, steps, sampler, seed, eta, callback, batch_size, progress, seeds, labels, guidance_scale
+            num, steps, sampler, seed, eta, callback, max_batch, progress, seeds, **options
         )
         return to_uint8(latents)
+
+    def __call__(
+        self,
+        num_images: int = 1,
+        num_inference_steps: int = 50,
+        generator=None,
+        output_type: str = "np",
+        latents=None,
+        *,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        callback=None,
+        callback_steps: int = 1,
+        max_batch: int | None = None,
+        progress: bool = False,
+        return_dict: bool = True,
+        class_labels=None,
+        guidance_scale: float = 1.0,
+    ):
+        """The call a diffusers user reaches for: `pipe(num_images=4, num_inference_steps=20,
+        generator=np.random.default_rng(0)).images`. The same images as `sample` / `sample_latents`.
+
+        `generator`: an int seed, an `np.random.Generator`, a list of either (one per image), or None (a fresh
+        random seed). A Generator is used for one draw, `seed = int(generator.integers(2**63))`; image k then
+        gets its noise from `PCG64([seed, k])`, exactly as `sample(seed=seed)`. A list gives image k what
+        `sample(num=1, seed=entry)` gives for its own entry.
+
+        `output_type`: "np" float32 [N, H, W, C] in [0, 1] (diffusers' convention: (x + 1) / 2 clipped),
+        "uint8" [N, H, W, C] as `sample` returns, "pil" a list of PIL images, "latent" the raw float32
+        [N, C, H, W] in the model's range [-1, 1]. `latents`: float32 [N, C, H, W] for x_T.
+        `callback(step_index, timestep, latents)` every `callback_steps` steps with the chunk's current
+        sample (previews); with more images than `max_batch` it runs per chunk. Returns
+        `PipelineOutput(images)`, or `(images,)` when `return_dict=False`. `class_labels` and
+        `guidance_scale` are `labels` and `guidance_scale` of `sample_latents`."""
+        from dtk.runtime.pipeline_output import PipelineOutput, convert_images, seeds_for
+
+        check_output_type(output_type)
+        seed, seeds = seeds_for(generator, num_images)
+        step_callback = None
+        if callback is not None:
+            if isinstance(callback_steps, bool) or not isinstance(callback_steps, int) or callback_steps < 1:
+                raise DtkError(f"callback_steps must be a positive integer, got {callback_steps!r}")
+
+            def step_callback(i, t, x):
+                if i % callback_steps == 0:
+                    callback(i, t, x)
+
+        x = self.sample_latents(
+            num_images,
+            num_inference_steps,
+            sampler,
+            seed,
+            eta,
+            max_batch=max_batch,
+            progress=progress,
+            seeds=seeds,
+            latents=latents,
+            step_callback=step_callback,
+            labels=class_labels,
+            guidance_scale=guidance_scale,
+        )
+        images = convert_images(x, output_type)
+        return PipelineOutput(images) if return_dict else (images,)
 
     def close(self) -> None:
         self.denoiser.close()
@@ -272,7 +361,7 @@ def _check_options(denoiser_class, backend: str, opts: dict) -> None:
         )
 
 
-def _check_sample_args(num, steps, sampler, eta, callback, batch_size) -> None:
+def _check_sample_args(num, steps, sampler, eta, callback, max_batch) -> None:
     """Wrong argument types as DtkError naming the argument, not a TypeError from deep inside a sampler."""
 
     def integer(value, name):  # ranges are checked where they are known (chunks, make_plan)
@@ -281,14 +370,41 @@ def _check_sample_args(num, steps, sampler, eta, callback, batch_size) -> None:
 
     integer(num, "num")
     integer(steps, "steps")
-    if batch_size is not None:
-        integer(batch_size, "batch_size")
+    if max_batch is not None:
+        integer(max_batch, "max_batch")
     if not isinstance(sampler, str):
         raise DtkError(f"sampler must be a sampler name, got {sampler!r}")
     if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating)) or not np.isfinite(eta):
         raise DtkError(f"eta must be a finite number, got {eta!r}")
     if callback is not None and not callable(callback):
         raise DtkError(f"callback must be callable, got {callback!r}")
+
+
+def check_output_type(output_type) -> None:
+    from dtk.runtime.pipeline_output import OUTPUT_TYPES
+
+    if output_type not in OUTPUT_TYPES:
+        raise DtkError(f"unknown output_type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
+
+
+def _renamed_batch_size(max_batch, deprecated: dict):
+    """`batch_size=` (the old name of `max_batch`) still works, with a DeprecationWarning."""
+    if not deprecated:
+        return max_batch
+    unknown = set(deprecated) - {"batch_size"}
+    if unknown:
+        raise DtkError(f"unknown argument {sorted(unknown)[0]!r}")
+    import warnings
+
+    warnings.warn(
+        "batch_size is renamed max_batch: it is the most images per network call, not diffusers' "
+        "batch_size (the number of images, `num` here)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if max_batch is not None:
+        raise DtkError("pass max_batch only (batch_size is its old name)")
+    return deprecated["batch_size"]
 
 
 def _progress_bar(total: int, sampler: str):

@@ -149,7 +149,7 @@ def test_the_hash_is_computed_once_until_the_file_changes(bundle, monkeypatch):
     [
         ({"num": 2.5}, "num must be an integer, got 2.5"),
         ({"num": "4"}, "num must be an integer, got '4'"),
-        ({"batch_size": 1.5}, "batch_size must be an integer, got 1.5"),
+        ({"max_batch": 1.5}, "max_batch must be an integer, got 1.5"),
         ({"eta": "0.5"}, "eta must be a finite number, got '0.5'"),
         ({"steps": 2.0}, "steps must be an integer, got 2.0"),
         ({"sampler": None}, "sampler must be a sampler name, got None"),

@@ -122,7 +122,7 @@ def test_chunks_keep_each_images_label(manifest):
         num=5, steps=3, seed=4, labels=[0, 1, 2, 0, 1], guidance_scale=2
     )
     chunked = pipeline(manifest, 1, 8).sample_latents(
-        num=5, steps=3, seed=4, labels=[0, 1, 2, 0, 1], guidance_scale=2, batch_size=2
+        num=5, steps=3, seed=4, labels=[0, 1, 2, 0, 1], guidance_scale=2, max_batch=2
     )
     np.testing.assert_allclose(whole, chunked, rtol=1e-6, atol=1e-6)
 

@@ -62,7 +62,7 @@ def reference_latents(manifest, num, steps, sampler, seed):
 @pytest.mark.parametrize("batch_size", [1, 2, 5])
 def test_chunking_does_not_change_the_images(manifest, batch_size):
     pipe = fake_pipeline(manifest, 1, 8)
-    latents = pipe.sample_latents(num=5, steps=6, sampler="ddpm", seed=7, batch_size=batch_size)
+    latents = pipe.sample_latents(num=5, steps=6, sampler="ddpm", seed=7, max_batch=batch_size)
     assert latents.shape == (5, 1, 16, 16) and latents.dtype == np.float32
     np.testing.assert_allclose(latents, reference_latents(manifest, 5, 6, "ddpm", 7), atol=1e-6)
     expected_batches = [min(batch_size, 5 - k) for k in range(0, 5, batch_size)]
@@ -84,7 +84,7 @@ def test_fixed_batch_pads_the_last_chunk(manifest):
 
 def test_minimum_batch_pads_a_small_chunk(manifest):
     pipe = fake_pipeline(manifest, 2, 8)
-    assert pipe.chunks(3, batch_size=2) == [(0, 2, 2), (2, 1, 2)]
+    assert pipe.chunks(3, max_batch=2) == [(0, 2, 2), (2, 1, 2)]
     latents = pipe.sample_latents(num=1, steps=3, sampler="dpmpp-2m", seed=0)
     assert latents.shape == (1, 1, 16, 16) and pipe.denoiser.batches == [2, 2, 2]
     np.testing.assert_allclose(latents, reference_latents(manifest, 2, 3, "dpmpp-2m", 0)[:1], atol=1e-6)
@@ -126,7 +126,7 @@ def test_run_chain_is_used_when_the_denoiser_has_one(manifest):
     ("kwargs", "message"),
     [
         ({"num": 0}, "num must be at least 1"),
-        ({"batch_size": 9}, r"batch size 9 is outside the model's batch range \(1..8\)"),
+        ({"max_batch": 9}, r"batch size 9 is outside the model's batch range \(1..8\)"),
         ({"sampler": "euler-ancestral"}, "unknown sampler 'euler-ancestral'"),
         ({"steps": 0}, "steps must be between 1"),
         ({"seed": -1}, "seed must be a non-negative integer"),
@@ -170,7 +170,7 @@ def test_load_bundle_onnx_and_same_images(tiny_bundle):
     with Pipeline.load(tiny_bundle, threads=1) as pipe:
         assert pipe.backend == "onnxruntime" and pipe.denoiser.batch_range == (1, 4)
         images = pipe.sample(num=3, steps=5, sampler="ddpm", seed=11)
-        latents = pipe.sample_latents(num=3, steps=5, sampler="ddpm", seed=11, batch_size=1)
+        latents = pipe.sample_latents(num=3, steps=5, sampler="ddpm", seed=11, max_batch=1)
     assert images.shape == (3, 16, 16, 1) and images.dtype == np.uint8
     assert images.std() > 10  # not a blank image
     with Pipeline.load(tiny_bundle / "unet.onnx", backend="onnxruntime", threads=1) as pipe:
