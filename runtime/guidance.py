@@ -104,6 +104,19 @@ def sampling_labels(classes: dict | None, labels, guidance_scale, num: int, wher
     return resolve_labels(labels, classes, num)
 
 
+def check_labels(class_labels, batch: int, where) -> np.ndarray:
+    """int64 [batch] class labels (a scalar applies to the whole batch), or a DtkError naming `where`."""
+    labels = np.asarray(class_labels)
+    if labels.ndim == 0:
+        labels = np.full(batch, labels)
+    if labels.shape != (batch,) or not np.issubdtype(labels.dtype, np.integer):
+        raise DtkError(
+            f"{where}: class_labels must be integers [B] with B = {batch}, "
+            f"got {labels.dtype} {list(labels.shape)}"
+        )
+    return np.ascontiguousarray(labels, dtype=np.int64)
+
+
 def guided(
     denoise: Callable,
     labels,

@@ -16,6 +16,7 @@ import numpy as np
 
 from dtk.runtime.backends.base import DenoiserBase
 from dtk.runtime.errors import DtkError, file_error
+from dtk.runtime.guidance import check_labels
 from dtk.runtime.manifest import CLASS_LABELS, Manifest
 
 PROVIDER_NAMES = {
@@ -80,6 +81,10 @@ class OnnxRuntimeDenoiser(DenoiserBase):
         self.io_binding = self.device_type != "cpu" if io_binding is None else io_binding
         self._read_io()
         self.batch_range = self._batch_range(manifest)
+        # a conditional graph called without labels gets the null class, as the U-Net does
+        self.null_class = (
+            manifest.classes["null_class"] if manifest is not None and manifest.classes else None
+        )
         if manifest is not None:
             self._check_manifest(manifest)
 
@@ -171,7 +176,7 @@ class OnnxRuntimeDenoiser(DenoiserBase):
 
     def __call__(self, sample: np.ndarray, timestep, class_labels=None) -> np.ndarray:
         """One evaluation: `sample` [B,C,H,W] (cast to the graph's dtype), `timestep` [B] or a scalar;
-        `class_labels` int64 [B] for a class-conditional graph (and only for one)."""
+        `class_labels` int64 [B] for a class-conditional graph (and only for one; None: its null class)."""
         if self.session is None:
             raise DtkError(f"{self.path}: the denoiser is closed")
         sample = np.asarray(sample)
@@ -187,6 +192,8 @@ class OnnxRuntimeDenoiser(DenoiserBase):
         }
         if feed[self.timestep_name].shape != (sample.shape[0],):
             raise DtkError(f"{self.path}: timestep must be [B] with B = {sample.shape[0]}")
+        if class_labels is None and self.class_labels_name is not None:
+            class_labels = self.null_class
         if (class_labels is None) != (self.class_labels_name is None):
             need = "needs class_labels" if class_labels is None else "is unconditional: no class_labels"
             raise DtkError(f"{self.path}: the model {need}")
@@ -200,10 +207,6 @@ class OnnxRuntimeDenoiser(DenoiserBase):
         On the device path `callback(i, t, x)` receives the device OrtValue (`.numpy()` copies it)."""
         from dtk.runtime.samplers import sample_loop
 
-        if self.class_labels_name is not None:
-            raise DtkError(
-                f"{self.path}: a class-conditional model samples through Pipeline.sample(labels=...)"
-            )
         if not self.io_binding:
             return sample_loop(self, x, plan, noise, callback)
         return self._run_bound_chain(plan, np.asarray(x, dtype=np.float32), noise, callback)
@@ -211,6 +214,10 @@ class OnnxRuntimeDenoiser(DenoiserBase):
     def _run_bound_chain(self, plan, x: np.ndarray, noise, callback) -> np.ndarray:
         if self.session is None:
             raise DtkError(f"{self.path}: the denoiser is closed")
+        if self.class_labels_name is not None:
+            raise DtkError(
+                f"{self.path}: a class-conditional model samples through Pipeline.sample(labels=...)"
+            )
         if self.sample_dtype != np.float32 or self.output_dtype != np.float32:
             raise DtkError(f"{self.path}: IOBinding needs float32 sample and output, not {self.sample_dtype}")
         self._check_batch(x.shape[0])
@@ -275,19 +282,6 @@ class OnnxRuntimeDenoiser(DenoiserBase):
     def close(self) -> None:
         self.session = None
         self._update_session = None
-
-
-def check_labels(class_labels, batch: int, where) -> np.ndarray:
-    """int64 [batch] class labels (a scalar applies to the whole batch), or a DtkError naming `where`."""
-    labels = np.asarray(class_labels)
-    if labels.ndim == 0:
-        labels = np.full(batch, labels)
-    if labels.shape != (batch,) or not np.issubdtype(labels.dtype, np.integer):
-        raise DtkError(
-            f"{where}: class_labels must be integers [B] with B = {batch}, "
-            f"got {labels.dtype} {list(labels.shape)}"
-        )
-    return np.ascontiguousarray(labels, dtype=np.int64)
 
 
 def _usable_cpus() -> int:
