@@ -60,6 +60,9 @@ def test_the_graph_takes_class_labels_and_parity_covers_both_halves(conditional_
     labels = [case["labels"] for case in data["parity"]["cases"]]
     assert labels == ["classes 0", "null class 3"] * 3 + ["classes 0..2,0..2,0..1", "null class 3"]
     assert data["parity"]["passed"] is True
+    from dtk.export.inspect import describe_bundle
+
+    assert describe_bundle(conditional_bundle)["classes"] == data["classes"]  # dtk inspect shows them
 
 
 def test_onnxruntime_takes_labels_and_refuses_calls_without(conditional_bundle, conditional_checkpoint):
