@@ -303,6 +303,8 @@ def _labels_text(labels, classes: dict | None) -> str:
         return ""
     if classes.get("null_class") is not None and np.all(labels == classes["null_class"]):
         return f"null class {classes['null_class']}"
+    if len(labels) > classes["num_classes"]:  # parity_labels' classes in turn, repeated
+        return f"classes 0..{classes['num_classes'] - 1} cycled"
     return "classes " + _span([int(v) for v in labels])
 
 

@@ -29,7 +29,8 @@ def test_recommended_scale_is_the_smallest_that_meets_the_goal():
         {"guidance_scale": 3.0, "requested_share": 0.99, "frechet_distance": 7.0},
     ]
     assert guidance.recommended_scale(rows, 6.0) == {"guidance_scale": 2.0, "goal_met": True}
-    assert guidance.recommended_scale(rows, 5.2) == {"guidance_scale": 3.0, "goal_met": False}
+    assert guidance.recommended_scale(rows, 5.2) == {"guidance_scale": 2.0, "goal_met": False}
+    assert guidance.recommended_scale(rows[:2], 5.2) == {"guidance_scale": 1.0, "goal_met": False}
 
 
 def test_scales_parse_and_refuse_bad_values():

@@ -58,7 +58,7 @@ def test_the_graph_takes_class_labels_and_parity_covers_both_halves(conditional_
     assert data["classes"] == {"num_classes": 3, "names": ["circle", "square", "triangle"], "null_class": 3}
     assert data["io"]["inputs"][2] == {"name": "class_labels", "dtype": "int64", "shape": ["batch"]}
     labels = [case["labels"] for case in data["parity"]["cases"]]
-    assert labels == ["classes 0", "null class 3"] * 3 + ["classes 0..2,0..2,0..1", "null class 3"]
+    assert labels == ["classes 0", "null class 3"] * 3 + ["classes 0..2 cycled", "null class 3"]
     assert data["parity"]["passed"] is True
     from dtk.export.inspect import describe_bundle
 
