@@ -79,7 +79,7 @@ def bench(bundle: Path, checkpoint: Path, batch: int, args) -> dict:
             str(args.iterations),
             "--duration",
             str(args.duration),
-            "--json",
+            "-o",
             str(out),
         ]
         if args.threads:
