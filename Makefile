@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := demo
 # classifier-free guidance scale of the demo's samples (measured in benchmarks/quality_vs_guidance.py)
-GUIDANCE := 3
+GUIDANCE := 1.25
 
 .PHONY: demo test lint format clean
 

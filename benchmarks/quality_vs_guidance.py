@@ -128,7 +128,7 @@ def plot(data: dict, path: Path) -> None:
     right.set_ylim(bottom=0)
     right.legend(fontsize=8)
     for ax in (left, right):
-        ax.set_xticks(scales)
+        ax.set_xticks(scales, [f"{s:g}" for s in scales], fontsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle(
         f"{data['checkpoint']['name']}: classifier-free guidance, {data['sampler']} {data['steps']} steps, "

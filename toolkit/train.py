@@ -28,7 +28,7 @@ from dtk.train_log import TrainingLog
 from dtk.unet import PRESETS, UNet, count_parameters
 
 __all__ = ["PRECISIONS", "TrainConfig", "Trainer", "autocast_dtype", "learning_rate", "train"]
-GRID_GUIDANCE_SCALE = 2.0  # classifier-free guidance of a conditional run's sample grids
+GRID_GUIDANCE_SCALE = 1.25  # guidance of a conditional run's sample grids (benchmarks/quality_vs_guidance.py)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
