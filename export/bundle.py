@@ -139,6 +139,7 @@ def export_bundle(
                 external_data=options.external_data,
                 exporter=options.exporter,
                 convert=convert,
+                num_class_embeds=source.num_class_embeds,
             )
             for note in result.notes:
                 log(f"warning: {note}")
@@ -156,6 +157,7 @@ def export_bundle(
                     chain_steps=options.chain_steps,
                     seed=options.seed,
                     progress=progress,
+                    classes=source.classes,
                 ).to_dict()
             else:
                 log("warning: parity check skipped (--no-verify): this bundle was not compared with PyTorch")
@@ -225,6 +227,7 @@ def _manifest(onnx_path, source, batch, opset, precision, parity, export_info) -
         model=source.model_info,
         export=export_info,
         created_by=f"dtk {__version__}",
+        classes=source.classes,
     )
 
 

@@ -51,6 +51,8 @@ def describe_bundle(bundle: Path) -> dict:
         "model": {k: v for k, v in manifest.model.items() if k != "config"},
         "files": _bundle_files(bundle, manifest),
     }
+    if manifest.classes is not None:
+        info["classes"] = dict(manifest.classes)
     if manifest.plan and (bundle / manifest.plan).is_file():
         info["plan"] = _sidecar_summary(bundle / manifest.plan)
     engines = _engines(bundle, manifest)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dtk.runtime.errors import DtkError
 from dtk.runtime.files import umask
+from dtk.runtime.manifest import CLASS_LABELS
 
 INPUT_NAMES = ("sample", "timestep")
 OUTPUT_NAME = "model_output"
@@ -90,10 +91,12 @@ def export_onnx(
     external_data: bool | None = None,
     exporter: str = "dynamo",
     convert=None,
+    num_class_embeds: int | None = None,
 ) -> OnnxResult:
     """Export `module` to `path` (plus `path.data` for external weights) and check it.
 
-    `convert`, when given, maps the simplified ModelProto to the one saved (the fp16 conversion)."""
+    `convert`, when given, maps the simplified ModelProto to the one saved (the fp16 conversion).
+    `num_class_embeds` set: the module is class-conditional; the graph takes `class_labels` int64 [batch]."""
     import onnx
 
     if opset < MIN_OPSET:
@@ -110,10 +113,10 @@ def export_onnx(
     # beside the output (inside the bundle's temporary folder), so a killed export leaves nothing elsewhere
     with tempfile.TemporaryDirectory(prefix=".dtk-export-", dir=path.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
-        _torch_export(module, sample_shape, raw, opset, batch, exporter)
+        _torch_export(module, sample_shape, raw, opset, batch, exporter, num_class_embeds)
         model = onnx.load(str(raw))
     nodes_exported = len(model.graph.node)
-    _check_io(model, batch)
+    _check_io(model, batch, num_class_embeds is not None)
     _name_batch_dims(model, batch)
 
     simplified = False
@@ -181,33 +184,38 @@ def _weight_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _torch_export(module, sample_shape, raw: Path, opset: int, batch: dict, exporter: str) -> None:
+def _torch_export(
+    module, sample_shape, raw: Path, opset: int, batch: dict, exporter: str, num_class_embeds=None
+) -> None:
     import torch
 
     n = example_batch(batch)
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn((n, *sample_shape), generator=generator)
     timestep = torch.linspace(1.0, 999.0, n)
+    args, names = (sample, timestep), graph_input_names(num_class_embeds is not None)
+    if num_class_embeds is not None:
+        args += (torch.arange(n, dtype=torch.int64) % num_class_embeds,)
     fixed = batch["min"] == batch["max"]
-    kwargs = dict(input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME], opset_version=opset)
+    kwargs = dict(input_names=list(names), output_names=[OUTPUT_NAME], opset_version=opset)
     if exporter == "dynamo":
         kwargs.update(dynamo=True, verbose=False)
         if not fixed:
             dim = torch.export.Dim(BATCH_DIM, min=batch["min"], max=batch["max"])
-            kwargs["dynamic_shapes"] = {"sample": {0: dim}, "timestep": {0: dim}}
+            kwargs["dynamic_shapes"] = {name: {0: dim} for name in names}
     else:
         kwargs.update(dynamo=False)
         if not fixed:
-            kwargs["dynamic_axes"] = {name: {0: BATCH_DIM} for name in (*INPUT_NAMES, OUTPUT_NAME)}
+            kwargs["dynamic_axes"] = {name: {0: BATCH_DIM} for name in (*names, OUTPUT_NAME)}
 
     captured = io.StringIO()
     with _quiet(), contextlib.redirect_stdout(captured), torch.no_grad():
         try:
             if exporter == "dynamo":
-                program = torch.onnx.export(module, (sample, timestep), **kwargs)
+                program = torch.onnx.export(module, args, **kwargs)
                 program.save(str(raw), external_data=True)
             else:
-                torch.onnx.export(module, (sample, timestep), str(raw), **kwargs)
+                torch.onnx.export(module, args, str(raw), **kwargs)
         except Exception as e:  # the exporters raise many types; name the step and the cause
             if _interrupted(e):  # torch.export wraps a Ctrl-C (or SIGTERM) in its own error
                 raise KeyboardInterrupt from None
@@ -252,20 +260,28 @@ def _quiet():
             lg.setLevel(level)
 
 
-def _check_io(model, batch: dict) -> None:
+def graph_input_names(class_conditional: bool = False) -> tuple:
+    """The graph's input names: sample, timestep, and class_labels for a class-conditional model."""
+    return (*INPUT_NAMES, CLASS_LABELS) if class_conditional else INPUT_NAMES
+
+
+def _check_io(model, batch: dict, class_conditional: bool = False) -> None:
     graph = model.graph
+    expected = list(graph_input_names(class_conditional))
     inputs = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
     outputs = [o.name for o in graph.output]
-    if inputs != list(INPUT_NAMES) or outputs != [OUTPUT_NAME]:
-        missing = [n for n in INPUT_NAMES if n not in inputs]
+    if inputs != expected or outputs != [OUTPUT_NAME]:
+        missing = [n for n in expected if n not in inputs]
         hint = f" (the network ignores its {', '.join(missing)} input)" if missing else ""
         raise DtkError(
             f"exported graph has inputs {inputs} and outputs {outputs}; expected "
-            f"{list(INPUT_NAMES)} -> [{OUTPUT_NAME!r}]{hint}"
+            f"{expected} -> [{OUTPUT_NAME!r}]{hint}"
         )
     for value in list(graph.input) + list(graph.output):
-        if value.type.tensor_type.elem_type != 1:  # TensorProto.FLOAT
-            raise DtkError(f"exported graph tensor {value.name!r} is not float32")
+        wanted = 7 if value.name == CLASS_LABELS else 1  # TensorProto.INT64, TensorProto.FLOAT
+        if value.type.tensor_type.elem_type != wanted:
+            what = "int64" if wanted == 7 else "float32"
+            raise DtkError(f"exported graph tensor {value.name!r} is not {what}")
 
 
 def _name_batch_dims(model, batch: dict) -> None:
@@ -299,7 +315,9 @@ def _simplify(model):
 def _annotate(model) -> None:
     import onnx
 
-    props = {"dtk.timestep": TIMESTEP_DOC, "dtk.inputs": "sample, timestep", "dtk.outputs": OUTPUT_NAME}
+    weights = {t.name for t in model.graph.initializer}
+    inputs = ", ".join(i.name for i in model.graph.input if i.name not in weights)
+    props = {"dtk.timestep": TIMESTEP_DOC, "dtk.inputs": inputs, "dtk.outputs": OUTPUT_NAME}
     existing = {p.key for p in model.metadata_props}
     for key, value in props.items():
         if key not in existing:

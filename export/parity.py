@@ -51,6 +51,7 @@ class ParityCase:
     worst_ratio: float  # max of |onnx − torch| / (atol + rtol·|torch|); ≤ 1 passes
     passed: bool
     problem: str = ""
+    labels: str = ""  # class-conditional models: the class_labels of this call ("" for unconditional ones)
 
 
 @dataclass
@@ -104,7 +105,7 @@ class ParityReport:
             "provider": self.provider,
             "reference": self.reference,
             "seed": self.seed,
-            "cases": [asdict(c) for c in self.cases],
+            "cases": [{k: v for k, v in asdict(c).items() if k != "labels" or v} for c in self.cases],
             "chain": asdict(self.chain) if self.chain else None,
             "seconds": round(self.seconds, 2),
         }
@@ -154,13 +155,14 @@ def check_parity(
     chain_steps: int = 20,
     seed: int = 0,
     progress: bool = True,
+    classes: dict | None = None,
 ) -> ParityReport:
     """Run every case; the report says what passed (raise ParityError yourself, or use `verify`)."""
     session = _session(onnx_path)
     with _one_torch_thread():
         return compare_denoisers(
-            lambda x, t: _run(session, x, t),
-            lambda x, t: _torch(module, x, t),
+            lambda x, t, labels=None: _run(session, x, t, labels),
+            lambda x, t, labels=None: _torch(module, x, t, labels),
             diffusion,
             sample_shape,
             batch,
@@ -170,6 +172,7 @@ def check_parity(
             seed=seed,
             progress=progress,
             provider=session.get_providers()[0],
+            classes=classes,
         )
 
 
@@ -188,27 +191,38 @@ def compare_denoisers(
     provider: str = "",
     reference_name: str = "PyTorch fp32 on CPU",
     candidate_chain=None,
+    classes: dict | None = None,
 ) -> ParityReport:
     """The parity cases and chain of `candidate` against `reference`, each `(x float32 [B,C,H,W], t [B]) →
     output`. `candidate_chain(plan, x, noise)`, when given, runs the candidate's chain instead of
-    `sample_loop` over `candidate` (a TensorRT engine's chain stays on the GPU)."""
+    `sample_loop` over `candidate` (a TensorRT engine's chain stays on the GPU).
+
+    A class-conditional model (`classes`) is called as `(x, t, class_labels int64 [B])`: with the classes in
+    turn, and again with its null class (the unconditional half of guidance) where it has one; its chain
+    runs conditionally, on the host loop."""
     start = time.perf_counter()
     report = ParityReport(precision, tolerance, provider, seed, reference=reference_name)
     T = diffusion.num_train_timesteps
-    cases = [(b, t) for b in sorted({batch["min"], batch["max"]}) for t in parity_timesteps(b, T)]
+    cases = [
+        (b, t, labels)
+        for b in sorted({batch["min"], batch["max"]})
+        for t in parity_timesteps(b, T)
+        for labels in parity_labels(b, classes)
+    ]
     rng = np.random.default_rng(seed)
-    inputs = [(rng.standard_normal((b, *sample_shape), dtype=np.float32), t) for b, t in cases]
+    inputs = [(rng.standard_normal((b, *sample_shape), dtype=np.float32), t, y) for b, t, y in cases]
 
     with _bar(2 * len(cases) + (1 if chain_steps else 0), progress) as bar:
         # all candidate calls, then all reference ones: their thread pools must not compete for few cores
-        outs = [bar.step(candidate(x, _timesteps(t, len(x)))) for x, t in inputs]
-        refs = [bar.step(reference(x, _timesteps(t, len(x)))) for x, t in inputs]
-        for (b, t), out, ref in zip(cases, outs, refs, strict=True):
-            report.cases.append(_compare(b, t, out, ref, tolerance))
+        outs = [bar.step(_call(candidate, x, _timesteps(t, len(x)), y)) for x, t, y in inputs]
+        refs = [bar.step(_call(reference, x, _timesteps(t, len(x)), y)) for x, t, y in inputs]
+        for (b, t, y), out, ref in zip(cases, outs, refs, strict=True):
+            report.cases.append(_compare(b, t, out, ref, tolerance, _labels_text(y, classes)))
         if chain_steps:  # at the smallest batch: the chain checks error growth, the cases above the batches
+            labels = parity_labels(batch["min"], classes)[0]
             report.chain = _chain(
                 candidate, reference, diffusion, sample_shape, batch["min"], chain_steps, seed, tolerance,
-                candidate_chain,
+                candidate_chain if labels is None else None, labels,
             )  # fmt: skip
             bar.update(1)
     report.seconds = time.perf_counter() - start
@@ -233,7 +247,7 @@ def format_table(report: ParityReport) -> str:
     for c in report.cases:
         rows.append(
             (
-                "single call",
+                f"single call, {c.labels}" if c.labels else "single call",
                 str(c.batch),
                 _span(c.timesteps),
                 f"{c.max_abs:.2e}",
@@ -271,6 +285,31 @@ def parity_timesteps(batch: int, T: int) -> list[np.ndarray]:
         return [_near(base, batch, T) for base in bases]
     sizes = [batch // 3 + (1 if k < batch % 3 else 0) for k in range(3)]
     return [np.concatenate([_near(base, n, T) for base, n in zip(bases, sizes, strict=True)])]
+
+
+def parity_labels(batch: int, classes: dict | None) -> list:
+    """The class_labels each case is called with: None (unconditional model), else the classes in turn and,
+    where the model has one, the null class."""
+    if classes is None:
+        return [None]
+    labels = [np.arange(batch, dtype=np.int64) % classes["num_classes"]]
+    if classes.get("null_class") is not None:
+        labels.append(np.full(batch, classes["null_class"], dtype=np.int64))
+    return labels
+
+
+def _labels_text(labels, classes: dict | None) -> str:
+    if labels is None:
+        return ""
+    if classes.get("null_class") is not None and np.all(labels == classes["null_class"]):
+        return f"null class {classes['null_class']}"
+    if len(labels) > classes["num_classes"]:  # parity_labels' classes in turn, repeated
+        return f"classes 0..{classes['num_classes'] - 1} cycled"
+    return "classes " + _span([int(v) for v in labels])
+
+
+def _call(denoise, x, t, labels):
+    return denoise(x, t) if labels is None else denoise(x, t, labels)
 
 
 def _span(ts: list[int]) -> str:
@@ -318,16 +357,22 @@ def _timesteps(t, batch: int) -> np.ndarray:
     return np.array(np.broadcast_to(np.asarray(t, dtype=np.float32), (batch,)))
 
 
-def _run(session, x: np.ndarray, t) -> np.ndarray:
-    return session.run(["model_output"], {"sample": x, "timestep": _timesteps(t, x.shape[0])})[0]
+def _run(session, x: np.ndarray, t, labels=None) -> np.ndarray:
+    feed = {"sample": x, "timestep": _timesteps(t, x.shape[0])}
+    if labels is not None:
+        feed["class_labels"] = np.asarray(labels, dtype=np.int64)
+    return session.run(["model_output"], feed)[0]
 
 
-def _torch(module, x: np.ndarray, t) -> np.ndarray:
+def _torch(module, x: np.ndarray, t, labels=None) -> np.ndarray:
     import torch
 
     with torch.inference_mode():
         sample = torch.from_numpy(np.array(x, dtype=np.float32))
-        return module(sample, torch.from_numpy(_timesteps(t, x.shape[0]))).float().numpy()
+        args = (sample, torch.from_numpy(_timesteps(t, x.shape[0])))
+        if labels is not None:
+            args += (torch.from_numpy(np.array(labels, dtype=np.int64)),)
+        return module(*args).float().numpy()
 
 
 def _nonfinite(out: np.ndarray, ref: np.ndarray) -> str:
@@ -340,13 +385,15 @@ def _nonfinite(out: np.ndarray, ref: np.ndarray) -> str:
     return ""
 
 
-def _compare(batch: int, ts, out: np.ndarray, ref: np.ndarray, tol: Tolerance) -> ParityCase:
+def _compare(
+    batch: int, ts, out: np.ndarray, ref: np.ndarray, tol: Tolerance, labels: str = ""
+) -> ParityCase:
     problem = _nonfinite(out, ref)
     if out.shape != ref.shape:
         problem = f"shape {list(out.shape)} != {list(ref.shape)}"
     if problem:
         return ParityCase(
-            batch, [int(t) for t in ts], float("nan"), float("nan"), float("inf"), False, problem
+            batch, [int(t) for t in ts], float("nan"), float("nan"), float("inf"), False, problem, labels
         )
     diff = np.abs(out.astype(np.float64) - ref)
     ratio = (
@@ -361,12 +408,14 @@ def _compare(batch: int, ts, out: np.ndarray, ref: np.ndarray, tol: Tolerance) -
         max_ref=float(np.abs(ref).max()),
         worst_ratio=ratio,
         passed=ratio <= 1.0,
+        labels=labels,
     )
 
 
 def _chain(
-    candidate, reference, diffusion, sample_shape, batch, steps, seed, tol: Tolerance, candidate_chain=None
-) -> ChainResult:
+    candidate, reference, diffusion, sample_shape, batch, steps, seed, tol: Tolerance, candidate_chain=None,
+    labels=None,
+) -> ChainResult:  # fmt: skip
     from dtk.runtime.samplers import NoiseSource, make_plan, sample_loop
 
     plan = make_plan(CHAIN_SAMPLER, diffusion, steps, eta=0.0)
@@ -378,7 +427,7 @@ def _chain(
             return source.step(batch, sample_shape)
 
         def call(x, t):
-            return denoise(np.asarray(x, dtype=np.float32), _timesteps(t, len(x)))
+            return _call(denoise, np.asarray(x, dtype=np.float32), _timesteps(t, len(x)), labels)
 
         x = source.initial(batch, sample_shape)
         return sample_loop(call, x, plan, noise) if chain is None else chain(plan, x, noise)

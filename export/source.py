@@ -34,6 +34,8 @@ class ModelSource:
     info: dict  # manifest "source": kind, path, sha256, ...
     model_info: dict  # manifest "model": architecture, config, parameter count
     warnings: list[str] = field(default_factory=list)
+    classes: dict | None = None  # class-conditional: num_classes, names, null_class (dtk.runtime.guidance)
+    num_class_embeds: int | None = None  # rows of the class embedding; the graph then takes class_labels
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -67,8 +69,11 @@ def denoiser_module(net, unwrap_sample: bool = False):
             super().__init__()
             self.net = net
 
-        def forward(self, sample, timestep):
-            out = self.net(sample, timestep)
+        def forward(self, sample, timestep, class_labels=None):
+            if class_labels is None:
+                out = self.net(sample, timestep)
+            else:
+                out = self.net(sample, timestep, class_labels=class_labels)
             return out.sample if unwrap_sample else out
 
     return Denoiser().eval()
@@ -109,6 +114,8 @@ def _load_checkpoint(path: Path, weights: str) -> ModelSource:
             "parameters": parameter_count(net),
         },
         warnings=warnings,
+        classes=ckpt.classes,
+        num_class_embeds=config.num_class_embeds,
     )
 
 
@@ -160,9 +167,11 @@ def _check_unet_config(config_path: Path, config: dict) -> None:
             f"time_embedding_type {config['time_embedding_type']!r} is not a DDPM model; "
             "dtk exports UNet2DModels with the positional (DDPM) timestep embedding",
         )
-    if config.get("class_embed_type") or config.get("num_class_embeds"):
+    if config.get("class_embed_type"):
         raise file_error(
-            config_path, "class-conditional UNet2DModels are not supported (dtk models are unconditional)"
+            config_path,
+            f"class_embed_type {config['class_embed_type']!r} is not supported; dtk exports "
+            "class-conditional UNet2DModels with num_class_embeds and class_embed_type null",
         )
 
 
@@ -222,4 +231,17 @@ def _load_diffusers(path: Path) -> ModelSource:
             "parameters": parameter_count(net),
         },
         warnings=warnings,
+        **_diffusers_classes(net.config.num_class_embeds, warnings, path),
     )
+
+
+def _diffusers_classes(num_class_embeds, warnings: list, path: Path) -> dict:
+    """A diffusers model's classes: diffusers defines no null class, so guidance is not offered."""
+    if not num_class_embeds:
+        return {}
+    warnings.append(
+        f"{path}: class-conditional with {num_class_embeds} classes and no recorded null class; "
+        "it samples with labels, without classifier-free guidance"
+    )
+    classes = {"num_classes": int(num_class_embeds), "names": None, "null_class": None}
+    return {"classes": classes, "num_class_embeds": int(num_class_embeds)}

@@ -267,10 +267,13 @@ def _profile_shapes(manifest: Manifest) -> dict[str, tuple]:
     C, (H, W) = manifest.in_channels, manifest.image_size
     batches = [manifest.batch[k] for k in ("min", "opt", "max")]
     sample, timestep = manifest.inputs[0].name, manifest.inputs[1].name
-    return {
+    shapes = {
         sample: tuple((b, C, H, W) for b in batches),
         timestep: tuple((b,) for b in batches),
     }
+    for spec in manifest.inputs[2:]:  # class_labels [batch] of a class-conditional model
+        shapes[spec.name] = tuple((b,) for b in batches)
+    return shapes
 
 
 def _check_network_inputs(network, shapes: dict[str, tuple], onnx_path: Path) -> bool:

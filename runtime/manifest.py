@@ -15,6 +15,7 @@ import numpy as np
 from dtk.runtime.checks import check_diffusion_fields, is_int, is_number, need_file_name, need_int, need_type
 from dtk.runtime.errors import DtkError, file_error
 from dtk.runtime.files import write_text
+from dtk.runtime.guidance import check_classes
 from dtk.runtime.schedule import DiffusionConfig
 
 SCHEMA = "dtk.bundle"
@@ -25,6 +26,7 @@ PLAN_NAME = "unet.plan"
 SIDECAR_SUFFIX = ".json"  # unet.plan -> unet.plan.json
 DTYPES = ("float32", "float16", "int64", "int32")
 PRECISIONS = ("fp32", "fp16")
+CLASS_LABELS = "class_labels"  # the int64 [batch] input of a class-conditional graph
 BETAS_RTOL = 1e-6  # explicit betas must be the config's schedule (float32 round trips pass)
 MAX_SIDE = 16384  # image side, pixels
 MAX_CHANNELS = 64
@@ -63,6 +65,7 @@ class Manifest:
     model: dict = field(default_factory=dict)  # architecture config and parameter count, informative
     export: dict = field(default_factory=dict)  # exporter settings, informative
     created_by: str = ""
+    classes: dict | None = None  # conditional models: num_classes, names, null_class (dtk.runtime.guidance)
 
     @property
     def prediction_type(self) -> str:
@@ -98,6 +101,7 @@ class Manifest:
             "source": self.source,
             "model": self.model,
             "export": self.export,
+            **({"classes": self.classes} if self.classes is not None else {}),
         }
 
     def save(self, bundle_dir: str | Path) -> Path:
@@ -162,10 +166,18 @@ def _parse(data, where: str) -> Manifest:
         "batch needs 1 <= min <= opt <= max",
     )
     names = [s.name for s in manifest.inputs]
-    need(
-        len(manifest.inputs) == 2 and len(manifest.outputs) == 1,
-        f"expected inputs (sample, timestep) and one output, got {names}",
-    )
+    if manifest.classes is None:
+        need(
+            len(manifest.inputs) == 2 and len(manifest.outputs) == 1,
+            f"expected inputs (sample, timestep) and one output, got {names}",
+        )
+    else:
+        labels = manifest.inputs[2] if len(manifest.inputs) == 3 else None
+        need(
+            labels is not None and labels.name == CLASS_LABELS and labels.dtype == "int64",
+            f"a class-conditional bundle needs inputs (sample, timestep, {CLASS_LABELS} int64), got {names}",
+        )
+        need(len(manifest.outputs) == 1, f"expected one output, got {[s.name for s in manifest.outputs]}")
     for spec in manifest.inputs + manifest.outputs:
         need(spec.dtype in DTYPES, f"tensor {spec.name!r} has unknown dtype {spec.dtype!r}")
     return manifest
@@ -206,6 +218,7 @@ def _fields(data: dict) -> Manifest:
         ),
         **sections,
         created_by=need_type(data.get("created_by", ""), "created_by", str, "a string"),
+        classes=check_classes(data["classes"]) if data.get("classes") is not None else None,
     )
 
 

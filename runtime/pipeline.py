@@ -91,6 +91,8 @@ class Pipeline:
         *,
         latents=None,
         step_callback=None,
+        labels=None,
+        guidance_scale: float = 1.0,
         **deprecated,
     ) -> np.ndarray:
         """float32 [num, C, H, W] in the model's data range. `callback(done, total)` after every denoising
@@ -102,7 +104,12 @@ class Pipeline:
         DeprecationWarning). `latents` float32 [num, C, H, W] replaces the initial noise x_T (each image's
         generator still draws it, so the step noise is the same: `latents` equal to what the seed draws gives
         the same images). `step_callback(step_index, timestep, x)` sees each chunk's current sample after
-        every step."""
+        every step.
+
+        A class-conditional bundle takes `labels`: one label for every image (an index, its text "7" or a
+        class name), one per image, or "all" (a row per class); None samples the null class. With
+        `guidance_scale` s ≠ 1, classifier-free guidance (`dtk.runtime.guidance`)."""
+        from dtk.runtime.guidance import sampling_labels
         from dtk.runtime.samplers import NoiseSource, sample_loop
 
         max_batch = _renamed_batch_size(max_batch, deprecated)
@@ -115,6 +122,7 @@ class Pipeline:
         plan = self.plan(sampler, steps, eta)
         sampler = plan.name
         chunks = self.chunks(num, max_batch)
+        class_labels = sampling_labels(self.manifest.classes, labels, guidance_scale, num, self.bundle_dir)
         shape = self.sample_shape
         if latents is not None:
             latents = np.asarray(latents, dtype=np.float32)
@@ -154,7 +162,11 @@ class Pipeline:
                 def noise(i, source=source, run=run):
                     return source.step(run, shape)
 
-                if run_chain is not None:
+                if class_labels is not None:  # on the host: guidance combines two outputs before the update
+                    chunk_labels = np.resize(class_labels[first : first + keep], run)  # pad: any label
+                    denoise = self._guided(chunk_labels, guidance_scale)
+                    x = sample_loop(denoise, x, plan, noise, on_step if listening else None)
+                elif run_chain is not None:
                     x = run_chain(plan, x, noise, on_step if listening else None)
                 else:
                     x = sample_loop(self._denoise, x, plan, noise, on_step if listening else None)
@@ -184,6 +196,15 @@ class Pipeline:
 
     def _denoise(self, x: np.ndarray, t: int) -> np.ndarray:
         return self.denoiser(x, np.full(x.shape[0], t, dtype=self.manifest.inputs[1].dtype))
+
+    def _guided(self, labels: np.ndarray, guidance_scale: float):
+        from dtk.runtime.guidance import guided
+
+        def denoise(x, t, class_labels):
+            return self.denoiser(x, np.full(x.shape[0], t, dtype=self.manifest.inputs[1].dtype), class_labels)
+
+        null = self.manifest.classes["null_class"]
+        return guided(denoise, labels, null, guidance_scale, self.denoiser.batch_range[1])
 
     def sample(
         self,
@@ -221,6 +242,8 @@ class Pipeline:
         max_batch: int | None = None,
         progress: bool = False,
         return_dict: bool = True,
+        class_labels=None,
+        guidance_scale: float = 1.0,
     ):
         """The call a diffusers user reaches for: `pipe(num_images=4, num_inference_steps=20,
         generator=np.random.default_rng(0)).images`. The same images as `sample` / `sample_latents`.
@@ -235,7 +258,8 @@ class Pipeline:
         [N, C, H, W] in the model's range [-1, 1]. `latents`: float32 [N, C, H, W] for x_T.
         `callback(step_index, timestep, latents)` every `callback_steps` steps with the chunk's current
         sample (previews); with more images than `max_batch` it runs per chunk. Returns
-        `PipelineOutput(images)`, or `(images,)` when `return_dict=False`."""
+        `PipelineOutput(images)`, or `(images,)` when `return_dict=False`. `class_labels` and
+        `guidance_scale` are `labels` and `guidance_scale` of `sample_latents`."""
         from dtk.runtime.pipeline_output import PipelineOutput, convert_images, seeds_for
 
         check_output_type(output_type)
@@ -260,6 +284,8 @@ class Pipeline:
             seeds=seeds,
             latents=latents,
             step_callback=step_callback,
+            labels=class_labels,
+            guidance_scale=guidance_scale,
         )
         images = convert_images(x, output_type)
         return PipelineOutput(images) if return_dict else (images,)

@@ -20,6 +20,7 @@ from pathlib import Path
 from dtk.runtime.checks import check_config_fields, check_diffusion_fields, need_int
 from dtk.runtime.errors import DtkError, file_error
 from dtk.runtime.files import atomic_path
+from dtk.runtime.guidance import check_classes
 from dtk.runtime.schedule import DiffusionConfig
 from dtk.unet import UNet, UNetConfig
 
@@ -37,6 +38,7 @@ class Checkpoint:
     step: int
     train_state: dict | None
     path: Path | None = None
+    classes: dict | None = None  # class-conditional: num_classes, names, null_class (dtk.runtime.guidance)
 
     def build_model(self, weights: str = "ema"):
         """The U-Net with the EMA (or raw) weights, eval mode, on the CPU. Without EMA weights: raw."""
@@ -69,6 +71,7 @@ class Checkpoint:
             "model_state": self.model_state,
             "ema_state": self.ema_state,
             "train_state": self.train_state,
+            **({"classes": self.classes} if self.classes is not None else {}),
         }
 
 
@@ -157,6 +160,7 @@ def _from_dict(path: Path, data) -> Checkpoint:
         diffusion = DiffusionConfig.from_dict(diffusion_fields)
         model_state, ema_state = data["model_state"], data.get("ema_state")
         step = need_int(data["step"], "step", 0)
+        classes = check_classes(data["classes"]) if data.get("classes") is not None else None
     except KeyError as e:
         raise file_error(path, f"damaged dtk checkpoint: missing {e}") from None
     except (TypeError, ValueError) as e:
@@ -179,6 +183,7 @@ def _from_dict(path: Path, data) -> Checkpoint:
         step=step,
         train_state=data.get("train_state"),
         path=path,
+        classes=classes,
     )
 
 
@@ -229,6 +234,8 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict:
         "weights": ["raw", "ema"] if ckpt.ema_state is not None else ["raw"],
         "resumable": ckpt.train_state is not None,
     }
+    if ckpt.classes is not None:
+        info["classes"] = ckpt.classes
     if "config" in train:
         info["training"] = dict(train["config"])
     return info

@@ -18,6 +18,7 @@ from dtk.decode import GRAY_MODES, decode
 from dtk.runtime.errors import DtkError, file_error
 
 BUILTINS = ("digits", "shapes")
+SHAPE_KINDS = ("circle", "square", "triangle")  # the class names of `shapes` by kind
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -27,6 +28,8 @@ class ImageSet:
 
     images: torch.Tensor
     source: str
+    labels: torch.Tensor | None = None  # int64 [N] class of each image, for class-conditional training
+    class_names: tuple | None = None  # name of each class index
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -78,20 +81,29 @@ def digits(image_size: int) -> torch.Tensor:
 def shapes(image_size: int, count: int = 2048, seed: int = 0) -> torch.Tensor:
     """Seeded procedural RGB images: one to three filled circles, squares or triangles on a dark background,
     drawn at 4x and downsampled for smooth edges. Always the same set for the same size."""
+    return shapes_with_kinds(image_size, count, seed)[0]
+
+
+def shapes_with_kinds(image_size: int, count: int = 2048, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`shapes` and, per image, the kind (index into SHAPE_KINDS) of its largest shape, int64 [N]."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
     big = image_size * 4
     out = np.empty((count, image_size, image_size, 3), dtype=np.uint8)
+    kinds = np.zeros(count, dtype=np.int64)
     for i in range(count):
         background = tuple(int(v) for v in rng.integers(0, 60, 3))
         canvas = Image.new("RGB", (big, big), background)
         draw = ImageDraw.Draw(canvas)
+        largest = 0.0
         for _ in range(int(rng.integers(1, 4))):
             color = tuple(int(v) for v in rng.integers(90, 256, 3))
             radius = float(rng.uniform(0.12, 0.3)) * big
             cx, cy = (float(v) for v in rng.uniform(radius, big - radius, 2))
             kind = int(rng.integers(0, 3))
+            if radius > largest:
+                largest, kinds[i] = radius, kind
             if kind == 0:
                 draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=color)
             elif kind == 1:
@@ -107,7 +119,7 @@ def shapes(image_size: int, count: int = 2048, seed: int = 0) -> torch.Tensor:
                 ]
                 draw.polygon(corners, fill=color)
         out[i] = np.asarray(canvas.resize((image_size, image_size), Image.Resampling.BOX))
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(kinds)
 
 
 def find_images(root: Path) -> list[Path]:
@@ -233,6 +245,10 @@ class BatchStream:
             chosen.append(order[within])
             flips.append(flip[within])
         return torch.cat(chosen), torch.cat(flips)
+
+    def labels(self, index: int) -> torch.Tensor:
+        """int64 [B]: the class labels of batch `index` (the data must have labels)."""
+        return self.data.labels[self.indices(index)[0]]
 
     def batch(self, index: int) -> torch.Tensor:
         """Batch `index` as float32 [B, C, H, W] in [-1, 1]."""

@@ -76,16 +76,18 @@ def diffusion_loss(
     t: torch.Tensor,
     noise: torch.Tensor,
     min_snr_gamma: float | None = None,
+    class_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The simple DDPM objective: mean squared error between the model output on x_t and the target.
 
-    With `min_snr_gamma` each image's error is weighted by its Min-SNR-γ weight."""
+    With `min_snr_gamma` each image's error is weighted by its Min-SNR-γ weight; `class_labels` [B] go to a
+    class-conditional model."""
     if x0.shape != noise.shape or t.shape != (x0.shape[0],):
         raise DtkError(
             f"loss inputs disagree: x0 {tuple(x0.shape)}, noise {tuple(noise.shape)}, t {tuple(t.shape)}"
         )
     x_t = schedule.q_sample(x0, t, noise)
-    prediction = model(x_t, t)
+    prediction = model(x_t, t) if class_labels is None else model(x_t, t, class_labels)
     target = schedule.target(x0, t, noise)
     per_image = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
     if min_snr_gamma is not None:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from dtk.runtime.backends.base import DenoiserBase
+from dtk.runtime.guidance import guided, sampling_labels
 from dtk.runtime.samplers import NoiseSource, make_plan, sample_loop
 
 
@@ -29,15 +30,20 @@ class TorchDenoiser(DenoiserBase):
         self.model = model.to(device=self.device, dtype=dtype).eval()
 
     @torch.inference_mode()
-    def forward(self, sample: torch.Tensor, t: int | float) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, t: int | float, class_labels=None) -> torch.Tensor:
         """The network on a tensor batch at one timestep t (as float32 [B], like the exported graph)."""
         timestep = torch.full((sample.shape[0],), float(t), dtype=torch.float32, device=self.device)
+        if class_labels is not None:
+            return self.model(sample.to(self.dtype), timestep, class_labels).to(sample.dtype)
         return self.model(sample.to(self.dtype), timestep).to(sample.dtype)
 
     @torch.inference_mode()
-    def __call__(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray, class_labels=None) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32)).to(self.device, self.dtype)
         t = torch.as_tensor(np.asarray(timestep, dtype=np.float32), device=self.device)
+        if class_labels is not None:
+            labels = torch.as_tensor(np.asarray(class_labels, dtype=np.int64), device=self.device)
+            return self.model(x, t, labels).float().cpu().numpy()
         return self.model(x, t).float().cpu().numpy()
 
     def close(self) -> None:
@@ -56,12 +62,16 @@ def sample_checkpoint(
     progress: bool = True,
     weights: str = "ema",
     step_callback=None,
+    labels=None,
+    guidance_scale: float = 1.0,
 ) -> np.ndarray:
     """Sample `num` images from a checkpoint (a `Checkpoint` or a path) → float32 [num, C, H, W] in ~[-1, 1].
 
     Images are run in batches of `batch_size` (default: all at once); image k always gets the noise of
     `NoiseSource(seed, first_index=k)`, so the batching does not change it. `step_callback(step_index,
-    timestep, x)` sees each batch's current sample (float32 numpy) after every step."""
+    timestep, x)` sees each batch's current sample (float32 numpy) after every step. `labels` and
+    `guidance_scale` are those of `Pipeline.sample_latents`: guidance is combined on torch tensors before the
+    update."""
     from dtk.checkpoint import load_checkpoint
     from dtk.runtime.errors import DtkError
 
@@ -75,6 +85,7 @@ def sample_checkpoint(
     config = ckpt.model_config
     shape = (config.in_channels, config.image_size, config.image_size)
     denoiser = TorchDenoiser(ckpt.build_model(weights), device=device)
+    class_labels = sampling_labels(ckpt.classes, labels, guidance_scale, num, ckpt.path or "checkpoint")
     size = batch_size or num
     starts = range(0, num, size)
     bar = _progress_bar(len(starts) * plan.steps, sampler, progress)
@@ -93,8 +104,14 @@ def sample_checkpoint(
                 if step_callback is not None:
                     step_callback(i, t, x.float().cpu().numpy())
 
+            denoise = denoiser.forward
+            if class_labels is not None:
+                chunk = torch.from_numpy(class_labels[first : first + count]).to(denoiser.device)
+                denoise = guided(
+                    denoise, chunk, ckpt.classes["null_class"], guidance_scale, 2 * count, torch.cat
+                )
             with torch.inference_mode():
-                x = sample_loop(denoiser.forward, x, plan, noise, on_step)
+                x = sample_loop(denoise, x, plan, noise, on_step)
             images.append(x.float().cpu().numpy())
     finally:
         bar.close()

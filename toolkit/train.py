@@ -19,6 +19,7 @@ from dtk.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from dtk.data import BatchStream, ImageSet, load_dataset, mix_seed
 from dtk.diffusion import NoiseSchedule, diffusion_loss
 from dtk.ema import EMA
+from dtk.labels import conditional_setup
 from dtk.runs import CHECKPOINT_NAME, keep_checkpoint, prepare_run_folder
 from dtk.runtime.errors import DtkError, file_error
 from dtk.stop import StopOnSignal
@@ -27,6 +28,7 @@ from dtk.train_log import TrainingLog
 from dtk.unet import PRESETS, UNet, count_parameters
 
 __all__ = ["PRECISIONS", "TrainConfig", "Trainer", "autocast_dtype", "learning_rate", "train"]
+GRID_GUIDANCE_SCALE = 1.25  # guidance of a conditional run's sample grids (benchmarks/quality_vs_guidance.py)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -69,6 +71,8 @@ class Trainer:
         )
         self.model_config = config.model_config(self.data.channels)
         self._warn_attention()
+        if config.class_conditional:
+            self.data, self.model_config = conditional_setup(self.data, config.dataset, self.model_config)
         self.diffusion = config.diffusion_config()
         self.schedule = NoiseSchedule(self.diffusion, self.device)
 
@@ -117,8 +121,16 @@ class Trainer:
         ):
             if theirs != ours:
                 a, b = theirs.to_dict(), ours.to_dict()
-                diff = ", ".join(f"{k}: {a[k]} in the checkpoint, {b[k]} now" for k in a if a[k] != b.get(k))
+                diff = ", ".join(
+                    f"{k}: {a.get(k)} in the checkpoint, {b.get(k)} now"
+                    for k in {**a, **b}
+                    if a.get(k) != b.get(k)
+                )
                 raise file_error(path, f"cannot resume: the {what} differs ({diff})")
+        if ckpt.classes != self.classes:
+            raise file_error(
+                path, f"cannot resume: its classes are {ckpt.classes}, this run's {self.classes}"
+            )
         if ckpt.step >= self.config.steps:
             raise file_error(path, f"already trained for {ckpt.step} steps; pass --steps above {ckpt.step}")
         state = check_train_state(path, ckpt, self.raw_model, self.ema)
@@ -166,11 +178,14 @@ class Trainer:
                 0, self.schedule.num_train_timesteps, (x0.shape[0],), generator=generator, device=self.device
             )
             noise = torch.randn(x0.shape, generator=generator, device=self.device)
+            labels = self._class_labels(self.step * config.grad_accum + micro, generator)
             last = micro == config.grad_accum - 1
             sync = self.model.no_sync() if self.ctx.distributed and not last else contextlib.nullcontext()
             with sync:
                 with self._autocast():
-                    loss = diffusion_loss(self.model, self.schedule, x0, t, noise, config.min_snr_gamma)
+                    loss = diffusion_loss(
+                        self.model, self.schedule, x0, t, noise, config.min_snr_gamma, class_labels=labels
+                    )
                 scaled = loss / config.grad_accum
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += loss.item()
@@ -187,6 +202,15 @@ class Trainer:
         self.ema.update(self.raw_model)
         self.step += 1
         return total / config.grad_accum
+
+    def _class_labels(self, batch: int, generator: torch.Generator) -> torch.Tensor | None:
+        """The batch's labels, each replaced by the null class with probability cond_dropout; None when
+        unconditional (and then nothing is drawn, so an unconditional run's numbers stay as they were)."""
+        if not self.config.class_conditional:
+            return None
+        labels = self.stream.labels(batch).to(self.device)
+        dropped = torch.rand(labels.shape, generator=generator, device=self.device) < self.config.cond_dropout
+        return torch.where(dropped, self.model_config.num_class_embeds - 1, labels)
 
     def checkpoint(self, train_state: bool = True) -> Checkpoint:
         state = None
@@ -206,7 +230,15 @@ class Trainer:
             step=self.step,
             train_state=state,
             path=self.checkpoint_path,
+            classes=self.classes,
         )
+
+    @property
+    def classes(self) -> dict | None:
+        if not self.config.class_conditional:
+            return None
+        names = list(self.data.class_names)
+        return {"num_classes": len(names), "names": names, "null_class": len(names)}
 
     def save(self) -> None:
         distributed.check_in_sync(self.ctx, self.raw_model, self.device)  # every rank takes part
@@ -221,16 +253,23 @@ class Trainer:
         from dtk.runtime.images import save_grid, to_uint8
 
         config = self.config
+        num, grid_row = config.sample_num, None
+        guidance = {}
+        if self.classes is not None:  # a row per class
+            grid_row = max(1, config.sample_num // self.classes["num_classes"])
+            num = grid_row * self.classes["num_classes"]
+            guidance = dict(labels="all", guidance_scale=GRID_GUIDANCE_SCALE)
         images = sample_checkpoint(
             self.checkpoint(train_state=False),
-            num=config.sample_num,
+            num=num,
             steps=config.sample_steps,
             sampler=config.sampler,
             seed=config.seed,
             device=str(self.device),
             progress=False,
+            **guidance,
         )
-        return save_grid(to_uint8(images), self.out / f"samples_{self.step:06d}.png")
+        return save_grid(to_uint8(images), self.out / f"samples_{self.step:06d}.png", nrow=grid_row)
 
     def run(self) -> Path:
         config = self.config

@@ -71,6 +71,9 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    # class-conditional training; cond_dropout: share of labels dropped to the null class (for guidance)
+    class_conditional: bool = False
+    cond_dropout: float = 0.1
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -86,6 +89,7 @@ class TrainConfig:
         _check("ema_decay", self.ema_decay, float, low=0, high=1, high_open=True)
         if self.dropout is not None:
             _check("dropout", self.dropout, float, low=0, high=1, high_open=True)
+        _check("cond_dropout", self.cond_dropout, float, low=0, high=1, high_open=True)
         if self.min_snr_gamma is not None:
             _check("min_snr_gamma", self.min_snr_gamma, float, low=0, low_open=True)
         if self.precision not in PRECISIONS:

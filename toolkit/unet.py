@@ -77,6 +77,7 @@ class UNetConfig:
     dropout: float
     num_heads: int
     num_groups: int = 32
+    num_class_embeds: int | None = None  # class-conditional: embeddings, the null class included
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mults", tuple(int(m) for m in self.channel_mults))
@@ -88,6 +89,11 @@ class UNetConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise DtkError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_class_embeds is not None and self.num_class_embeds < 2:
+            raise DtkError(
+                f"num_class_embeds must be at least 2 (classes and the null class), "
+                f"got {self.num_class_embeds}"
+            )
         if self.num_res_blocks < 1:
             raise DtkError(f"num_res_blocks must be at least 1, got {self.num_res_blocks}")
         if not self.channel_mults or min(self.channel_mults) < 1:
@@ -122,6 +128,8 @@ class UNetConfig:
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
+        if data["num_class_embeds"] is None:  # an unconditional config reads as it always did
+            del data["num_class_embeds"]
         data["channel_mults"] = list(self.channel_mults)
         data["attention_resolutions"] = list(self.attention_resolutions)
         return data
@@ -224,7 +232,12 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """`forward(sample [B, C, H, W], timestep [B]) -> [B, out_channels, H, W]`."""
+    """`forward(sample [B, C, H, W], timestep [B], class_labels [B] | None) -> [B, out_channels, H, W]`.
+
+    With `num_class_embeds` a learned class embedding is added to the timestep embedding (diffusers'
+    UNet2DModel with `class_embed_type=None`); the last class is the null class, used when `class_labels` is
+    None, so classifier-free guidance (Ho & Salimans 2022) can ask the same network for an unconditional
+    prediction."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -239,6 +252,8 @@ class UNet(nn.Module):
             return [Attention(ch, c.num_heads, groups)] if res in c.attention_resolutions else []
 
         self.temb = nn.Sequential(nn.Linear(base, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+        if c.num_class_embeds is not None:
+            self.class_embedding = nn.Embedding(c.num_class_embeds, temb_ch)
         self.conv_in = nn.Conv2d(c.in_channels, base, 3, padding=1)
 
         skips, ch = [base], base
@@ -272,11 +287,17 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(groups, ch)
         self.conv_out = _zero(nn.Conv2d(ch, c.out_channels, 3, padding=1))
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if not torch.is_tensor(timestep):
             timestep = torch.tensor(timestep, device=sample.device)
         timestep = timestep.reshape(-1).expand(sample.shape[0])  # a scalar t applies to the whole batch
         temb = self.temb(timestep_embedding(timestep, self.config.base_channels))  # (B, 4*base)
+        if self.config.num_class_embeds is not None:
+            temb = temb + self.class_embedding(self._labels(class_labels, sample))
+        elif class_labels is not None:
+            raise DtkError("class_labels given to an unconditional U-Net (num_class_embeds is not set)")
 
         h = self.conv_in(sample)
         skips = [h]
@@ -301,6 +322,14 @@ class UNet(nn.Module):
                 h = level.resample(h)
 
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _labels(self, class_labels, sample: torch.Tensor) -> torch.Tensor:
+        """int64 [B]: the given labels (a scalar applies to the whole batch), or the null class."""
+        if class_labels is None:
+            class_labels = torch.tensor(self.config.num_class_embeds - 1, device=sample.device)
+        if not torch.is_tensor(class_labels):
+            class_labels = torch.tensor(class_labels, device=sample.device)
+        return class_labels.long().reshape(-1).expand(sample.shape[0])
 
 
 def count_parameters(module: nn.Module) -> int:

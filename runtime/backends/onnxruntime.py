@@ -16,7 +16,8 @@ import numpy as np
 
 from dtk.runtime.backends.base import DenoiserBase
 from dtk.runtime.errors import DtkError, file_error
-from dtk.runtime.manifest import Manifest
+from dtk.runtime.guidance import check_labels
+from dtk.runtime.manifest import CLASS_LABELS, Manifest
 
 PROVIDER_NAMES = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -80,6 +81,10 @@ class OnnxRuntimeDenoiser(DenoiserBase):
         self.io_binding = self.device_type != "cpu" if io_binding is None else io_binding
         self._read_io()
         self.batch_range = self._batch_range(manifest)
+        # a conditional graph called without labels gets the null class, as the U-Net does
+        self.null_class = (
+            manifest.classes["null_class"] if manifest is not None and manifest.classes else None
+        )
         if manifest is not None:
             self._check_manifest(manifest)
 
@@ -93,12 +98,18 @@ class OnnxRuntimeDenoiser(DenoiserBase):
         return options
 
     def _read_io(self) -> None:
-        """Names, dtypes and shapes from the session: the rank-4 input is the sample, rank-1 the timestep."""
-        inputs = {len(i.shape): i for i in self.session.get_inputs()}
+        """Names, dtypes and shapes from the session: the rank-4 input is the sample, rank-1 the timestep;
+        a class-conditional graph also has `class_labels` int64 [B]."""
+        graph_inputs = self.session.get_inputs()
+        labels = [i for i in graph_inputs if i.name == CLASS_LABELS]
+        self.class_labels_name = labels[0].name if labels else None
+        inputs = {len(i.shape): i for i in graph_inputs if i.name != CLASS_LABELS}
         outputs = self.session.get_outputs()
-        if sorted(inputs) != [1, 4] or len(self.session.get_inputs()) != 2 or len(outputs) != 1:
-            found = [(i.name, i.shape) for i in self.session.get_inputs()]
+        if sorted(inputs) != [1, 4] or len(graph_inputs) != 2 + len(labels) or len(outputs) != 1:
+            found = [(i.name, i.shape) for i in graph_inputs]
             raise file_error(self.path, f"expected inputs sample [B,C,H,W] and timestep [B], found {found}")
+        if labels and labels[0].type != "tensor(int64)":
+            raise file_error(self.path, f"{CLASS_LABELS} must be int64, found {labels[0].type}")
         sample, timestep, output = inputs[4], inputs[1], outputs[0]
         self.sample_name, self.timestep_name, self.output_name = sample.name, timestep.name, output.name
         self.sample_dtype = np.dtype(_dtype(sample.type, self.path))
@@ -126,6 +137,8 @@ class OnnxRuntimeDenoiser(DenoiserBase):
             self.timestep_name: (self.timestep_dtype.name, [self.sample_shape[0]]),
             self.output_name: (self.output_dtype.name, self.output_shape),
         }
+        if self.class_labels_name is not None:
+            graph[self.class_labels_name] = ("int64", [self.sample_shape[0]])
         problems = []
         for spec in manifest.inputs + manifest.outputs:
             if spec.name not in graph:
@@ -161,8 +174,9 @@ class OnnxRuntimeDenoiser(DenoiserBase):
         t = np.asarray(timestep, dtype=self.timestep_dtype)
         return np.full(batch, t, dtype=self.timestep_dtype) if t.ndim == 0 else t
 
-    def __call__(self, sample: np.ndarray, timestep) -> np.ndarray:
-        """One evaluation: `sample` [B,C,H,W] (cast to the graph's dtype), `timestep` [B] or a scalar."""
+    def __call__(self, sample: np.ndarray, timestep, class_labels=None) -> np.ndarray:
+        """One evaluation: `sample` [B,C,H,W] (cast to the graph's dtype), `timestep` [B] or a scalar;
+        `class_labels` int64 [B] for a class-conditional graph (and only for one; None: its null class)."""
         if self.session is None:
             raise DtkError(f"{self.path}: the denoiser is closed")
         sample = np.asarray(sample)
@@ -178,6 +192,13 @@ class OnnxRuntimeDenoiser(DenoiserBase):
         }
         if feed[self.timestep_name].shape != (sample.shape[0],):
             raise DtkError(f"{self.path}: timestep must be [B] with B = {sample.shape[0]}")
+        if class_labels is None and self.class_labels_name is not None:
+            class_labels = self.null_class
+        if (class_labels is None) != (self.class_labels_name is None):
+            need = "needs class_labels" if class_labels is None else "is unconditional: no class_labels"
+            raise DtkError(f"{self.path}: the model {need}")
+        if class_labels is not None:
+            feed[self.class_labels_name] = check_labels(class_labels, sample.shape[0], self.path)
         return self.session.run([self.output_name], feed)[0]
 
     def run_chain(self, plan, x: np.ndarray, noise, callback=None) -> np.ndarray:
@@ -194,6 +215,10 @@ class OnnxRuntimeDenoiser(DenoiserBase):
     def _run_bound_chain(self, plan, x: np.ndarray, noise, callback) -> np.ndarray:
         if self.session is None:
             raise DtkError(f"{self.path}: the denoiser is closed")
+        if self.class_labels_name is not None:
+            raise DtkError(
+                f"{self.path}: a class-conditional model samples through Pipeline.sample(labels=...)"
+            )
         if self.sample_dtype != np.float32 or self.output_dtype != np.float32:
             raise DtkError(f"{self.path}: IOBinding needs float32 sample and output, not {self.sample_dtype}")
         self._check_batch(x.shape[0])
@@ -318,7 +343,9 @@ def tensorrt_ep_options(manifest: Manifest | None, path: Path) -> dict:
         chw = "x".join(str(d) for d in (manifest.in_channels, *manifest.image_size))
         for key in ("min", "opt", "max"):
             batch = manifest.batch[key]
-            options[f"trt_profile_{key}_shapes"] = f"{sample}:{batch}x{chw},{timestep}:{batch}"
+            options[f"trt_profile_{key}_shapes"] = f"{sample}:{batch}x{chw},{timestep}:{batch}" + "".join(
+                f",{spec.name}:{batch}" for spec in manifest.inputs[2:]
+            )
     return options
 
 

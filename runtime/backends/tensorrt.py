@@ -168,15 +168,20 @@ class TensorRTDenoiser(DenoiserBase):
         self._sample = self.manifest.inputs[0].name
         self._timestep = self.manifest.inputs[1].name
         self._output = self.manifest.outputs[0].name
+        # class_labels int64 [B] of a class-conditional plan; None labels feed the null class
+        self._labels = self.manifest.inputs[2].name if len(self.manifest.inputs) > 2 else None
+        classes = self.manifest.classes or {}
+        self._null_class = classes.get("null_class")
+        inputs = [self._sample, self._timestep] + ([self._labels] if self._labels else [])
         found = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-        wanted = {self._sample, self._timestep, self._output}
+        wanted = {*inputs, self._output}
         if not wanted <= found:
             raise file_error(
                 self.plan_path,
                 f"has tensors {sorted(found)}, the manifest names {sorted(wanted)}; "
                 f"{rebuild_hint(self.plan_path)}",
             )
-        for name, mode in ((self._sample, "INPUT"), (self._timestep, "INPUT"), (self._output, "OUTPUT")):
+        for name, mode in [(n, "INPUT") for n in inputs] + [(self._output, "OUTPUT")]:
             if engine.get_tensor_mode(name) != getattr(trt.TensorIOMode, mode):
                 raise file_error(self.plan_path, f"tensor {name!r} is not an {mode.lower()} of the plan")
         self._dtype = {name: np.dtype(trt.nptype(engine.get_tensor_dtype(name))) for name in wanted}
@@ -198,6 +203,8 @@ class TensorRTDenoiser(DenoiserBase):
         session, high = self._session, self.batch_range[1]
         C, Co, (H, W) = self.manifest.in_channels, self.manifest.out_channels, self.manifest.image_size
         self._elements = {self._sample: C * H * W, self._timestep: 1, self._output: Co * H * W}
+        if self._labels:
+            self._elements[self._labels] = 1
         self._device, self._host = {}, {}
         for name, per_image in self._elements.items():
             nbytes = high * per_image * self._dtype[name].itemsize
@@ -235,6 +242,8 @@ class TensorRTDenoiser(DenoiserBase):
         self._logger.clear()
         ok = self._context.set_input_shape(self._sample, (batch, C, H, W))
         ok = self._context.set_input_shape(self._timestep, (batch,)) and ok
+        if self._labels:
+            ok = self._context.set_input_shape(self._labels, (batch,)) and ok
         if not ok:
             raise DtkError(f"{self.plan_path}: TensorRT refused batch {batch}: {self._logger.reason()}")
         out_shape = tuple(int(d) for d in self._context.get_tensor_shape(self._output))
@@ -251,7 +260,7 @@ class TensorRTDenoiser(DenoiserBase):
 
     # -- one evaluation --------------------------------------------------------------------------------------
 
-    def __call__(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray, class_labels=None) -> np.ndarray:
         sample = self._check_sample(sample)
         batch = sample.shape[0]
         timestep = np.broadcast_to(np.asarray(timestep), (batch,))
@@ -259,6 +268,7 @@ class TensorRTDenoiser(DenoiserBase):
         self._set_batch(batch)
         self._stage(self._sample, sample)
         self._stage(self._timestep, timestep)
+        self._stage_labels(class_labels, batch)
         self._execute()
         return self._fetch(self._output, batch)
 
@@ -269,6 +279,19 @@ class TensorRTDenoiser(DenoiserBase):
         if sample.ndim != 4 or sample.shape[1:] != (C, H, W):
             raise DtkError(f"sample has shape {sample.shape}, this plan takes [B, {C}, {H}, {W}]")
         return sample
+
+    def _stage_labels(self, class_labels, batch: int) -> None:
+        """The class labels of a conditional plan (None: its null class); refused for an unconditional one."""
+        from dtk.runtime.guidance import check_labels
+
+        if class_labels is None and self._labels:
+            class_labels = self._null_class
+            if class_labels is None:
+                raise DtkError(f"{self.plan_path}: the model needs class_labels (it has no null class)")
+        if class_labels is not None and not self._labels:
+            raise DtkError(f"{self.plan_path}: the model is unconditional: no class_labels")
+        if class_labels is not None:
+            self._stage(self._labels, check_labels(class_labels, batch, self.plan_path))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -324,6 +347,7 @@ class TensorRTDenoiser(DenoiserBase):
         count = x.size
         self._set_batch(batch)
         self._stage(self._sample, x)
+        self._stage_labels(None, batch)  # a conditional plan's chain runs its null class
         session.zero(self._x0_prev, 8 * count)
 
         coeffs = kernel_coefficients(plan, self._elements[self._sample])

@@ -24,7 +24,7 @@ def run(onnx_path, x, t):
 
 def test_tiny_bundle_manifest(tiny_bundle, tiny_checkpoint):
     manifest = load_manifest(tiny_bundle)
-    assert sorted(p.name for p in tiny_bundle.iterdir()) == ["dtk.json", "unet.onnx"]
+    assert sorted(p.name for p in tiny_bundle.iterdir()) == ["dtk.json", "scheduler_config.json", "unet.onnx"]
     assert [(s.name, s.dtype, s.shape) for s in manifest.inputs + manifest.outputs] == [
         ("sample", "float32", ["batch", 1, 16, 16]),
         ("timestep", "float32", ["batch"]),
@@ -110,7 +110,12 @@ def test_diffusers_export_with_external_data(tmp_path, small_unet2d):
     manifest = export_bundle(tmp_path / "pipe", tmp_path / "bundle", options, progress=False)
 
     bundle = tmp_path / "bundle"
-    assert sorted(p.name for p in bundle.iterdir()) == ["dtk.json", "unet.onnx", "unet.onnx.data"]
+    assert sorted(p.name for p in bundle.iterdir()) == [
+        "dtk.json",
+        "scheduler_config.json",
+        "unet.onnx",
+        "unet.onnx.data",
+    ]
     assert manifest.export["external_data"] and manifest.export["onnx_data"] == "unet.onnx.data"
     assert manifest.export["onnx_data_sha256"] == sha256(bundle / "unet.onnx.data")
     assert (bundle / "unet.onnx").stat().st_size < 100_000 < (bundle / "unet.onnx.data").stat().st_size

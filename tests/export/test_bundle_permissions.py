@@ -23,5 +23,7 @@ def test_bundle_modes_follow_the_umask(tiny_checkpoint, tmp_path, umask):
     options = ExportOptions(batch=1, verify=False, simplify=False, exporter="torchscript", external_data=True)
     export_bundle(tiny_checkpoint, out, options, progress=False)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
-    assert modes == {name: 0o666 & ~umask for name in ("dtk.json", "unet.onnx", "unet.onnx.data")}
+    assert modes == {
+        name: 0o666 & ~umask for name in ("dtk.json", "scheduler_config.json", "unet.onnx", "unet.onnx.data")
+    }
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask

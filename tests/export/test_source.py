@@ -82,7 +82,10 @@ def test_not_a_checkpoint(tmp_path):
             {"config.json": {"_class_name": "UNet2DModel", "time_embedding_type": "fourier"}},
             "not a DDPM model",
         ),
-        ({"config.json": {"_class_name": "UNet2DModel", "num_class_embeds": 10}}, "class-conditional"),
+        (
+            {"config.json": {"_class_name": "UNet2DModel", "class_embed_type": "timestep"}},
+            "class_embed_type 'timestep' is not supported",
+        ),
         ({"config.json": {"_class_name": "UNet2DModel"}}, "no weights"),
     ],
 )

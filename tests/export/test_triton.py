@@ -182,8 +182,8 @@ def test_sampler_defaults_are_checked(tiny_bundle):
     manifest = load_manifest(tiny_bundle)
     with pytest.raises(DtkError, match="steps must be between 1 and num_train_timesteps"):
         sampler_config(manifest, SamplerOptions(steps=5000))
-    with pytest.raises(DtkError, match="unknown sampler 'euler'"):
-        sampler_config(manifest, SamplerOptions(sampler="euler"))
+    with pytest.raises(DtkError, match="unknown sampler 'plms'"):
+        sampler_config(manifest, SamplerOptions(sampler="plms"))
     with pytest.raises(DtkError, match="instance kind"):
         sampler_config(manifest, SamplerOptions(kind="tpu"))
 

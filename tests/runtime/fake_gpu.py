@@ -38,11 +38,16 @@ KERNEL_NAME = b"dtk_sampler_update"
 ALIGNMENT = 256  # cudaMalloc's, and what TensorRT asks of tensor addresses
 
 
-def fake_unet(sample: np.ndarray, timestep: np.ndarray, out_channels: int | None = None) -> np.ndarray:
-    """What every fake engine computes: a fixed function of (x, t), so results are predictable on the host."""
+def fake_unet(
+    sample: np.ndarray, timestep: np.ndarray, out_channels: int | None = None, class_labels=None
+) -> np.ndarray:
+    """What every fake engine computes: a fixed function of (x, t), so results are predictable on the host;
+    a class-conditional one adds 0.01 · label."""
     dtype = np.dtype(np.float16 if sample.dtype == np.float16 else np.float32)
     sample = sample.astype(dtype)
     out = dtype.type(0.5) * sample + dtype.type(1e-3) * timestep.astype(dtype)[:, None, None, None]
+    if class_labels is not None:
+        out = out + dtype.type(0.01) * np.asarray(class_labels).astype(dtype)[:, None, None, None]
     return (out - dtype.type(0.1)).astype(dtype)
 
 
@@ -896,7 +901,8 @@ def fake_tensorrt(gpu: FakeGpu, version: str = "10.3.0") -> types.ModuleType:
 
         def execute_async_v3(self, stream_handle):
             engine = self._engine
-            sample_name, timestep_name = engine._inputs
+            sample_name, timestep_name = engine._inputs[:2]
+            labels_name = engine._inputs[2] if len(engine._inputs) > 2 else None
             if set(self._addresses) != set(engine._io) or set(self._shapes) != set(engine._inputs):
                 engine._logger.log(Severity.ERROR, "enqueueV3: not every address and input shape is set")
                 return False
@@ -923,7 +929,10 @@ def fake_tensorrt(gpu: FakeGpu, version: str = "10.3.0") -> types.ModuleType:
             def run():
                 x = gpu.view(addresses[sample_name], int(np.prod(shape)), dtypes[sample_name]).reshape(shape)
                 t = gpu.view(addresses[timestep_name], shape[0], dtypes[timestep_name])
-                result = fake_unet(x, t) + np.asarray(engine._plan["engine_error"], x.dtype)
+                labels = gpu.view(addresses[labels_name], shape[0], np.int64) if labels_name else None
+                result = fake_unet(x, t, class_labels=labels) + np.asarray(
+                    engine._plan["engine_error"], x.dtype
+                )
                 out = gpu.view(addresses[out_name], int(np.prod(out_shape)), dtypes[out_name])
                 out[:] = result.reshape(-1)
 
@@ -1056,7 +1065,9 @@ def fake_pycuda(gpu: FakeGpu) -> tuple[types.ModuleType, types.ModuleType]:
 # -- a bundle for the fakes ----------------------------------------------------------------------------------
 
 
-def fake_onnx(batch_dim, image: list[int], dtype: str = "float32", **fake) -> bytes:
+def fake_onnx(
+    batch_dim, image: list[int], dtype: str = "float32", class_labels: bool = False, **fake
+) -> bytes:
     """A real ONNX graph computing `fake_unet` (so ONNX Runtime agrees with the fake engine); `fake` settings
     (parser `errors`, a `build_error`, an `engine_error` the engine adds) ride in its metadata."""
     from onnx import TensorProto, helper, numpy_helper
@@ -1076,15 +1087,23 @@ def fake_onnx(batch_dim, image: list[int], dtype: str = "float32", **fake) -> by
         helper.make_node("Add", ["scaled", "t_scaled"], ["summed"]),
         helper.make_node("Sub", ["summed", "tenth"], ["model_output"]),
     ]
+    inputs = [
+        helper.make_tensor_value_info("sample", elem, dims),
+        helper.make_tensor_value_info("timestep", elem, [batch_dim]),
+    ]
+    constants = [const("half", 0.5), const("milli", 1e-3), const("tenth", 0.1), shape4]
+    if class_labels:  # + 0.01 · label, as fake_unet
+        nodes[-1] = helper.make_node("Sub", ["summed", "tenth"], ["unlabelled"])
+        nodes += [
+            helper.make_node("Cast", ["class_labels"], ["labels_float"], to=elem),
+            helper.make_node("Reshape", ["labels_float", "shape4"], ["labels4"]),
+            helper.make_node("Mul", ["labels4", "centi"], ["labels_scaled"]),
+            helper.make_node("Add", ["unlabelled", "labels_scaled"], ["model_output"]),
+        ]
+        inputs.append(helper.make_tensor_value_info("class_labels", TensorProto.INT64, [batch_dim]))
+        constants.append(const("centi", 0.01))
     graph = helper.make_graph(
-        nodes,
-        "fake_unet",
-        [
-            helper.make_tensor_value_info("sample", elem, dims),
-            helper.make_tensor_value_info("timestep", elem, [batch_dim]),
-        ],
-        [helper.make_tensor_value_info("model_output", elem, dims)],
-        [const("half", 0.5), const("milli", 1e-3), const("tenth", 0.1), shape4],
+        nodes, "fake_unet", inputs, [helper.make_tensor_value_info("model_output", elem, dims)], constants
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -1093,9 +1112,10 @@ def fake_onnx(batch_dim, image: list[int], dtype: str = "float32", **fake) -> by
 
 
 def write_fake_bundle(
-    directory, batch=(1, 2, 4), precision="fp32", channels=1, size=8, io_dtype="float32", **fake
+    directory, batch=(1, 2, 4), precision="fp32", channels=1, size=8, io_dtype="float32", classes=None, **fake
 ):
-    """dtk.json plus a unet.onnx computing `fake_unet`, which both the fake parser and ONNX Runtime read."""
+    """dtk.json plus a unet.onnx computing `fake_unet`, which both the fake parser and ONNX Runtime read;
+    with `classes` (a manifest `classes` dict) a class-conditional one."""
     from pathlib import Path
 
     from dtk.runtime.manifest import Manifest, TensorSpec
@@ -1111,14 +1131,16 @@ def write_fake_bundle(
         image_size=(size, size),
         in_channels=channels,
         out_channels=channels,
-        inputs=[TensorSpec("sample", io_dtype, [dim, *image]), TensorSpec("timestep", io_dtype, [dim])],
+        inputs=[TensorSpec("sample", io_dtype, [dim, *image]), TensorSpec("timestep", io_dtype, [dim])]
+        + ([TensorSpec("class_labels", "int64", [dim])] if classes else []),
         outputs=[TensorSpec("model_output", io_dtype, [dim, *image])],
         batch={"min": low, "opt": opt, "max": high},
         diffusion=config,
         betas=config.betas,
         precision=precision,
+        classes=classes,
     ).save(directory)
-    (directory / "unet.onnx").write_bytes(fake_onnx(dim, image, io_dtype, **fake))
+    (directory / "unet.onnx").write_bytes(fake_onnx(dim, image, io_dtype, class_labels=bool(classes), **fake))
     return directory
 
 

@@ -156,7 +156,7 @@ def test_the_hash_is_computed_once_until_the_file_changes(bundle, monkeypatch):
         ({"max_batch": 1.5}, "max_batch must be an integer, got 1.5"),
         ({"eta": "0.5"}, "eta must be a finite number, got '0.5'"),
         ({"steps": 2.0}, "steps must be an integer, got 2.0"),
-        ({"sampler": None}, "sampler must be a sampler name, got None"),
+        ({"sampler": 5}, "sampler must be a sampler name, got 5"),
         ({"callback": 3}, "callback must be callable, got 3"),
     ],
 )

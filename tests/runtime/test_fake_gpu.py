@@ -136,6 +136,7 @@ def test_capture_rules(gpu):
 
 def test_a_kernels_first_launch_inside_a_capture_fails_before_cuda_12_3():
     from dtk.runtime.backends.cuda import CudaError, CudaSession, UpdateKernel
+    from dtk.runtime.backends.update_kernel import COEFF_SLOTS
 
     for capture_loads in (False, True):
         gpu = _fakes().FakeGpu(capture_loads=capture_loads)
@@ -143,11 +144,11 @@ def test_a_kernels_first_launch_inside_a_capture_fails_before_cuda_12_3():
             _fakes().install(mp, gpu)
             session = CudaSession(0)
             kernel = UpdateKernel(session)
-            buffer = session.device_buffer(4 * 8)
-            coeffs = session.device_buffer(32)
+            buffer = session.device_buffer(4 * 16)  # x0 history: [2, n]
+            coeffs = session.device_buffer(4 * COEFF_SLOTS)
 
             def step(kernel=kernel, buffer=buffer, coeffs=coeffs):
-                kernel.launch(buffer, buffer, buffer, buffer, coeffs, 8)
+                kernel.launch(buffer, buffer, buffer, buffer, coeffs, 8, 8)
 
             if capture_loads:
                 session.capture(step)

@@ -17,7 +17,7 @@ QUICK = ["--warmup", "2", "--iterations", "2", "--duration", "0"]
         (["--duration", "inf"], "Invalid value for '--duration': inf is not a finite number of seconds"),
         (["--duration", "nan"], "Invalid value for '--duration'"),
         (["--iterations", "0"], "Invalid value for '--iterations': 0 is not in the range x>=1"),
-        (["--steps", "2", "--sampler", "euler"], "Invalid value for '--sampler': 'euler' is not one of"),
+        (["--steps", "2", "--sampler", "plms"], "Invalid value for '--sampler': 'plms' is not one of"),
     ],
 )
 def test_bench_flags_are_usage_errors(tiny_bundle, capsys, args, message):

@@ -69,7 +69,7 @@ def test_a_plan_is_not_deleted_without_force(tiny_bundle, tiny_checkpoint, tmp_p
     assert _snapshot(folder) == before
 
     assert main(["export", str(tiny_checkpoint), "-o", str(folder), *EXPORT, "--batch", "3", "--force"]) == 0
-    assert sorted(p.name for p in folder.iterdir()) == ["dtk.json", "unet.onnx"]
+    assert sorted(p.name for p in folder.iterdir()) == ["dtk.json", "scheduler_config.json", "unet.onnx"]
     assert load_manifest(folder).batch == {"min": 3, "opt": 3, "max": 3}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no lock, no .partial, no .old
 

@@ -40,6 +40,8 @@ class SampleOptions:
     progress: bool = True
     npy: Path | None = None
     trajectory: Path | None = None
+    class_labels: str | None = None  # --class: an index, a class name, a comma-separated list, or "all"
+    guidance_scale: float = 1.0
 
 
 @dataclass
@@ -50,6 +52,7 @@ class SampleResult:
     latents: object = None  # float32 [N, C, H, W] in the model's range
     trajectory: object = None  # a TrajectoryRecorder when --trajectory was asked for
     sampler: str = ""
+    nrow: int | None = None  # images per grid row the labels ask for (--class all: a row per class)
 
 
 def sample(options: SampleOptions) -> SampleResult:
@@ -90,8 +93,11 @@ def _sample_checkpoint(path: Path, options: SampleOptions) -> SampleResult:
         progress=options.progress,
         weights=options.weights or "ema",
         step_callback=recorder,
+        **_guidance(options),
     )
-    return SampleResult(to_uint8(latents), "pytorch", time.perf_counter() - start, latents, recorder, sampler)
+    seconds = time.perf_counter() - start
+    row = _row(options, ckpt.classes)
+    return SampleResult(to_uint8(latents), "pytorch", seconds, latents, recorder, sampler, row)
 
 
 def _sample_runtime(path: Path, options: SampleOptions) -> SampleResult:
@@ -115,6 +121,7 @@ def _sample_runtime(path: Path, options: SampleOptions) -> SampleResult:
             max_batch=options.batch_size,
             progress=options.progress,
             step_callback=recorder,
+            **_guidance(options),
         )
         seconds = time.perf_counter() - start
         return SampleResult(
@@ -124,7 +131,22 @@ def _sample_runtime(path: Path, options: SampleOptions) -> SampleResult:
             latents,
             recorder,
             options.sampler or pipeline.default_sampler,
+            _row(options, pipeline.manifest.classes),
         )
+
+
+def _guidance(options: SampleOptions) -> dict:
+    """--class and --guidance-scale as sampling arguments; a comma-separated --class: a label per image."""
+    labels = options.class_labels
+    if labels is not None and "," in labels:
+        labels = [part.strip() for part in labels.split(",")]
+    return {"labels": labels, "guidance_scale": options.guidance_scale}
+
+
+def _row(options: SampleOptions, classes: dict | None) -> int | None:
+    if options.class_labels == "all" and classes is not None:
+        return options.num // classes["num_classes"]
+    return None
 
 
 def _recorder(options: SampleOptions, shape_chw):
@@ -191,7 +213,7 @@ def _backend_options(path: Path, backend: str, device: str) -> tuple[str, dict]:
 def write_outputs(result: SampleResult, options: SampleOptions) -> list[Path]:
     from dtk.runtime.images import save_grid, save_images
 
-    written = [save_grid(result.images, options.out, nrow=options.nrow)]
+    written = [save_grid(result.images, options.out, nrow=options.nrow or result.nrow)]
     if options.images_dir is not None:
         written += save_images(result.images, options.images_dir)
     if options.npy is not None:
@@ -266,6 +288,19 @@ def write_npy(path: Path, array) -> Path:
     "--trajectory",
     type=click.Path(path_type=Path),
     help="Also draw the reverse chain x_T → x_0 of the first 4 images at 7 steps as a PNG.",
+)
+@click.option(
+    "--class",
+    "class_labels",
+    help="Class-conditional models: a class index or name for every image, one per image comma-separated, "
+    "or 'all' (a grid row per class; --num a multiple of the class count) [default: the null class].",
+)
+@click.option(
+    "--guidance-scale",
+    type=click.FloatRange(min=0.0),
+    default=1.0,
+    show_default=True,
+    help="Classifier-free guidance s: ε_u + s·(ε_c − ε_u); 1: the conditional model alone, 0: unconditional.",
 )
 def command(**flags):
     """Sample images from PATH: a checkpoint (model.pt, with PyTorch) or the run folder it is in, a bundle

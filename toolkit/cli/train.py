@@ -159,6 +159,14 @@ def option(name: str, help: str, aliases: tuple = (), **kwargs):
     show_default=True,
     help="A progress bar on a terminal, a line every --log-every steps otherwise; off: a line per save.",
 )
+@option(
+    "class_conditional",
+    "Learn a class embedding (labels: digits 0-9, shapes by kind, or the folder's first-level subfolders).",
+    is_flag=True,
+)
+@option(
+    "cond_dropout", "Share of labels replaced by the null class, for classifier-free guidance.", type=float
+)
 @click.pass_context
 def command(ctx, **options):
     """Train a DDPM U-Net and write OUT/model.pt (with EMA weights and the state to resume from).
