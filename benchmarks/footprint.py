@@ -100,12 +100,36 @@ class FreeDenoiser:
         pass
 
 
+class GenericUpdate:
+    """The update as the host loop ran it before the in-place path (samplers/host.py): `plan.update`, which
+    allocates every product and sum. Swapped in for `HostUpdate` to time old against new in one process."""
+
+    def __init__(self, plan, like):
+        self.clip, self.threshold = plan.clip, plan.threshold
+
+    def __call__(self, row, x, out, x0_prev, noise, x0_prev2=None):
+        from dtk.runtime.samplers import update
+
+        return update(row, x, out, x0_prev, noise, self.clip, x0_prev2, self.threshold)
+
+
 def child_overhead(bundle: str, threads: int, rounds: int) -> dict:
-    """Per round, interleaved: 50 bare denoiser calls, then a 50-step `Pipeline.sample` of the same batch.
-    Also the loop's own cost per step, hot, with a denoiser that costs nothing."""
+    """Per round, interleaved: 50 bare denoiser calls, then a 50-step `Pipeline.sample` of the same batch with
+    the in-place host update, then the same with the generic update (before). Also the loop's own cost per
+    step, hot, with a denoiser that costs nothing, both ways."""
     import numpy as np
 
     from dtk.runtime import Pipeline
+    from dtk.runtime.samplers import host
+
+    in_place = host.HostUpdate
+    ways = (("", in_place), ("_before", GenericUpdate))
+
+    def timed(pipeline, sampler, seed, update_class):
+        host.HostUpdate = update_class
+        start = time.perf_counter()
+        pipeline.sample(num=1, steps=steps, sampler=sampler, seed=seed)
+        return time.perf_counter() - start
 
     steps, results = 50, {}
     with Pipeline.load(bundle, backend="onnxruntime", threads=threads) as pipe:
@@ -115,27 +139,34 @@ def child_overhead(bundle: str, threads: int, rounds: int) -> dict:
         t = np.full(1, 500, dtype=np.float32)
         for sampler in SAMPLERS:
             pipe.sample(num=1, steps=steps, sampler=sampler, seed=0)  # warm-up
-            bare, sampled, loop_only = [], [], []
+            times = {k: [] for k in ("bare", "sample", "sample_before", "loop", "loop_before")}
             for r in range(rounds):
                 start = time.perf_counter()
                 for _ in range(steps):
                     denoiser(x, t)
-                middle = time.perf_counter()
-                pipe.sample(num=1, steps=steps, sampler=sampler, seed=r)
-                end = time.perf_counter()
-                free.sample(num=1, steps=steps, sampler=sampler, seed=r)
-                bare.append(middle - start)
-                sampled.append(end - middle)
-                loop_only.append(time.perf_counter() - end)
-            ratios = [s / b - 1 for s, b in zip(sampled, bare, strict=True)]
+                times["bare"].append(time.perf_counter() - start)
+                for suffix, update_class in ways if r % 2 == 0 else ways[::-1]:  # each goes first in turn
+                    times["sample" + suffix].append(timed(pipe, sampler, r, update_class))
+                    times["loop" + suffix].append(timed(free, sampler, r, update_class))
+            host.HostUpdate = in_place
             results[sampler] = {
-                "bare_ms": statistics.median(bare) * 1000,
-                "sample_ms": statistics.median(sampled) * 1000,
-                "overhead_pct": statistics.median(ratios) * 100,
-                "overhead_of_minima_pct": (min(sampled) / min(bare) - 1) * 100,
-                "loop_us_per_step": min(loop_only) / steps * 1e6,
+                "bare_ms": statistics.median(times["bare"]) * 1000,
+                **summarise_overhead(times, steps, ""),
+                **summarise_overhead(times, steps, "_before"),
             }
     return {"steps": steps, "batch": 1, "rounds": rounds, "samplers": results}
+
+
+def summarise_overhead(times: dict, steps: int, suffix: str) -> dict:
+    """Medians and minima of one way of sampling (suffix "": in place, "_before": generic) against bare."""
+    sampled, bare = times["sample" + suffix], times["bare"]
+    ratios = [s / b - 1 for s, b in zip(sampled, bare, strict=True)]
+    return {
+        "sample_ms" + suffix: statistics.median(sampled) * 1000,
+        "overhead_pct" + suffix: statistics.median(ratios) * 100,
+        "overhead_of_minima_pct" + suffix: (min(sampled) / min(bare) - 1) * 100,
+        "loop_us_per_step" + suffix: min(times["loop" + suffix]) / steps * 1e6,
+    }
 
 
 def child_soak(bundle: str, threads: int, samples: int, steps: int, every: int) -> dict:
@@ -271,13 +302,18 @@ def report(record: dict) -> str:
         "the uint8 conversion.",
         "",
         "Overhead of minima: fastest sample / fastest 50 bare calls − 1 (least disturbed by other work). "
-        "Loop alone: the same sampling with a denoiser that costs nothing, hot, per step.",
+        "Loop alone: the same sampling with a denoiser that costs nothing, hot, per step. Before: the same "
+        "rounds with the generic update (every product and sum a new array) in place of the in-place host "
+        "update, interleaved in the same process.",
         "",
-        "| sampler | 50 bare calls | 50-step sample | overhead | overhead of minima | loop alone |",
+        "| sampler | 50 bare calls | 50-step sample | overhead (before) | overhead of minima (before) "
+        "| loop alone (before) |",
         "| --- | --- | --- | --- | --- | --- |",
         *(
-            f"| {s} | {v['bare_ms']:.1f} ms | {v['sample_ms']:.1f} ms | {v['overhead_pct']:+.1f} % "
-            f"| {v['overhead_of_minima_pct']:+.1f} % | {v['loop_us_per_step']:.1f} µs/step |"
+            f"| {s} | {v['bare_ms']:.1f} ms | {v['sample_ms']:.1f} ms "
+            f"| {v['overhead_pct']:+.1f} % ({v['overhead_pct_before']:+.1f} %) "
+            f"| {v['overhead_of_minima_pct']:+.1f} % ({v['overhead_of_minima_pct_before']:+.1f} %) "
+            f"| {v['loop_us_per_step']:.1f} µs/step ({v['loop_us_per_step_before']:.1f}) |"
             for s, v in over["samplers"].items()
         ),
         "",
