@@ -24,7 +24,7 @@ class NoiseSource:
         self.first_index = int(first_index)
         self._keys: list[tuple[int, int]] | None = None  # (seed, index) per image, when given explicitly
         self._generators: list[np.random.Generator] = []
-        self._block: np.ndarray | None = None  # [num, K, C, H, W] drawn ahead
+        self._block: np.ndarray | None = None  # [K, num, C, H, W] drawn ahead
         self._next = 0
 
     @classmethod
@@ -49,21 +49,24 @@ class NoiseSource:
         return self._draw(shape_chw)
 
     def step(self, num: int, shape_chw) -> np.ndarray:
-        """float32 [num, C, H, W]: the next step's noise for the same images."""
+        """float32 [num, C, H, W]: the next step's noise for the same images (a view of the block drawn ahead,
+        which nothing writes into again). Cheap: the host loop calls it between network evaluations."""
         if num != len(self._generators):
             raise RuntimeError(
                 f"NoiseSource.step({num}) after initial({len(self._generators)}): same images only"
             )
-        shape = tuple(int(s) for s in shape_chw)
-        if self._block is not None and self._block.shape[2:] != shape:
-            raise RuntimeError(f"NoiseSource.step: shape {shape} after {self._block.shape[2:]}")
-        if self._block is None or self._next == self._block.shape[1]:
+        block = self._block
+        if block is not None and block.shape[2:] != tuple(shape_chw):
+            raise RuntimeError(f"NoiseSource.step: shape {tuple(shape_chw)} after {block.shape[2:]}")
+        if block is None or self._next == len(block):
+            shape = tuple(int(s) for s in shape_chw)
             step_bytes = 4 * num * int(np.prod(shape))
             steps_ahead = max(1, min(MAX_BLOCK_STEPS, BLOCK_BYTES // step_bytes))
-            self._block = self._draw((steps_ahead, *shape))
+            # drawn per image [num, K, C, H, W], kept step-major so that each step is one contiguous view
+            block = self._block = np.ascontiguousarray(self._draw((steps_ahead, *shape)).swapaxes(0, 1))
             self._next = 0
         self._next += 1
-        return np.ascontiguousarray(self._block[:, self._next - 1])
+        return block[self._next - 1]
 
     def _draw(self, shape) -> np.ndarray:
         noise = np.empty((len(self._generators), *(int(s) for s in shape)), dtype=np.float32)
