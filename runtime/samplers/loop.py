@@ -18,8 +18,9 @@ def sample_loop(
     denoise(x, t) → model output for the whole batch at integer timestep t (the caller broadcasts t);
     noise(i) → fresh standard normal noise like x, called only for steps with plan.needs_noise[i];
     callback(i, t, x) after each step; x is a new array every step (the loop never writes into one it handed
-    out), so a callback may keep it. On numpy the update runs in place into reused buffers (samplers/host.py),
-    bit for bit the generic `update` that other array types get."""
+    out), so a callback may keep it. On numpy the update runs in place through a reused scratch buffer, with
+    x0 skipped where it is linear and never read back (samplers/host.py): the generic `update` that other
+    array types get, bit for bit or, on fused steps, to float rounding."""
     needs_noise = plan.needs_noise.tolist()  # plain Python values: the loop runs per step, on small arrays
     if noise is None and any(needs_noise):
         raise ValueError(f"{plan.name} adds noise on {sum(needs_noise)} steps: pass a noise source")
@@ -34,14 +35,14 @@ def sample_loop(
     for i, (t, row) in enumerate(zip(plan.timesteps.tolist(), plan.coeffs.tolist(), strict=True)):
         out = denoise(x, t)
         step_noise = noise(i) if needs_noise[i] else None
-        x, x0 = step(row, x, out, x0_prev, step_noise, x0_prev2)
+        x, x0 = step(i, row, x, out, x0_prev, step_noise, x0_prev2)
         x0_prev, x0_prev2 = x0, x0_prev
         if callback is not None:
             callback(i, t, x)
     return x
 
 
-def _generic_update(row, x, out, x0_prev, noise, x0_prev2, *, clip, threshold):
+def _generic_update(i, row, x, out, x0_prev, noise, x0_prev2, *, clip, threshold):
     return update(row, x, out, x0_prev, noise, clip, x0_prev2, threshold)
 
 
