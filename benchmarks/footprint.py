@@ -107,7 +107,7 @@ class GenericUpdate:
     def __init__(self, plan, like):
         self.clip, self.threshold = plan.clip, plan.threshold
 
-    def __call__(self, row, x, out, x0_prev, noise, x0_prev2=None):
+    def __call__(self, i, row, x, out, x0_prev, noise, x0_prev2=None):
         from dtk.runtime.samplers import update
 
         return update(row, x, out, x0_prev, noise, self.clip, x0_prev2, self.threshold)

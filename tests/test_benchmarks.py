@@ -261,3 +261,29 @@ def test_gpu_check_reads_junit_and_writes_its_table(tmp_path):
     assert "| tests | failed | 9.5 | passed 1, failed 1, error 0, skipped 1 |" in table
     assert "| chain | passed | 3.0 | graph True: max Δx 2.00e-06, 0 levels |" in table
     assert "| training | skipped | - | 20 s of the budget left |" in table
+
+
+def test_footprint_times_the_generic_update_as_the_loop_ran_before(monkeypatch):
+    from dtk.runtime.samplers import NoiseSource, host, make_plan, sample_loop, update
+    from dtk.runtime.schedule import DiffusionConfig
+
+    footprint = _script("footprint")
+    plan = make_plan("ddim", DiffusionConfig(), 8)
+    start = NoiseSource(1).initial(2, (1, 3, 3))
+
+    def denoise(x, t):
+        return np.tanh(x) * 0.5
+
+    x, x0_prev = start, np.zeros_like(start)
+    for t, row in zip(plan.timesteps.tolist(), plan.coeffs.tolist(), strict=True):
+        x, x0_prev = update(row, x, denoise(x, t), x0_prev, None, None)
+    in_place = sample_loop(denoise, start, plan, None)
+    monkeypatch.setattr(host, "HostUpdate", footprint.GenericUpdate)
+    before = sample_loop(denoise, start, plan, None)
+    np.testing.assert_array_equal(before, x)  # "before" is the generic update, bit for bit
+    np.testing.assert_allclose(in_place, x, rtol=1e-6, atol=1e-6)  # ddim fuses: float32 rounding only
+    times = {"bare": [1.0, 2.0], "sample": [1.02, 2.02], "loop": [0.5, 0.4]}
+    summary = footprint.summarise_overhead(times, 50, "")
+    assert summary["overhead_pct"] == pytest.approx(1.5)  # median of +2 % and +1 %
+    assert summary["overhead_of_minima_pct"] == pytest.approx(2.0)
+    assert summary["loop_us_per_step"] == pytest.approx(0.4 / 50 * 1e6)
