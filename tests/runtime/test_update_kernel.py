@@ -313,6 +313,40 @@ def test_device_update_matches_numpy(session, row, clip, threshold):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(("row", "clip", "threshold"), [CASES[0], CASES[4], CASES[6]])
+def test_device_guided_update_matches_numpy(session, row, clip, threshold):
+    """The 2B layout of a guided chain: out holds [out_c, out_u], x_next goes to x and to its copy after."""
+    from dtk.runtime.backends.cuda import DeviceBuffer
+
+    kernel = _kernel(session)
+    image_n = 3 * 32 * 32 + 7
+    n = IMAGES * image_n
+    x, out_c, x0_prev, x0_prev2, noise = _inputs(n, seed=3, finite=True)
+    out_u = np.random.default_rng(4).standard_normal(n, dtype=np.float32)
+    device = {name: session.device_buffer(8 * n) for name in ("x", "out", "history")}
+    device |= {"noise": session.device_buffer(4 * n), "coeffs": session.device_buffer(4 * COEFF_SLOTS)}
+    host = {name: session.host_buffer(buffer.nbytes) for name, buffer in device.items()}
+    coeffs = kernel_coefficients(_plan(row, clip, threshold), image_n, guidance_scale=3.0)[0]
+    values = {"x": np.concatenate([x, x]), "out": np.concatenate([out_c, out_u]), "noise": noise}
+    _upload(
+        session, device, host, values | {"history": np.concatenate([x0_prev, x0_prev2]), "coeffs": coeffs}
+    )
+    second = [DeviceBuffer(device[name].ptr + 4 * n, 4 * n) for name in ("out", "x")]
+    kernel.launch(
+        device["x"], device["history"], device["out"], device["noise"], device["coeffs"], n, image_n, *second
+    )
+    session.download(host["x"], device["x"], 8 * n)
+    session.synchronize()
+
+    want_next, _ = _numpy_update(
+        row, clip, threshold, x, combine(out_c, out_u, 3.0), x0_prev, x0_prev2, noise
+    )
+    got = host["x"].array(np.float32, 2 * n)
+    np.testing.assert_allclose(got[:n], want_next, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(got[n:], got[:n])
+
+
+@pytest.mark.gpu
 def test_a_captured_graph_replays_each_steps_coefficients(session):
     """One graph, the rows of every case in turn (clipping, two history terms, thresholding among them)."""
     kernel = _kernel(session)
