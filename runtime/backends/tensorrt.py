@@ -8,7 +8,8 @@ batch are allocated once; the engine's named tensors are bound to them once. `ru
 step copies that step's timestep, coefficients and host noise through pinned memory, runs the engine and the
 NVRTC update kernel; x only comes back at the end (or for a callback). With `cuda_graph=True` a step is
 captured once per batch size and replayed: its inputs are read from the pinned buffers at replay time, so
-every step's own numbers flow through one unchanged graph.
+every step's own numbers flow through one unchanged graph. With labels and a guidance scale the engine runs on
+the conditional and unconditional halves and the update kernel combines them in the same launch.
 """
 
 from __future__ import annotations

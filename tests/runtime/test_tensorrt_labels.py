@@ -155,3 +155,21 @@ def test_chain_guidance_is_refused_where_it_cannot_run(conditional_plan):
             denoiser.run_chain(plan, x, None, labels=[0, 1], guidance_scale=-1.0)
         with pytest.raises(DtkError, match="class_labels must be integers"):
             denoiser.run_chain(plan, x, None, labels=[0, 1, 2], guidance_scale=2.0)
+
+
+def test_without_nvrtc_the_guided_chain_guides_on_the_host(tmp_path, monkeypatch):
+    from dtk.runtime.backends.tensorrt import TensorRTDenoiser
+    from dtk.runtime.samplers import make_plan
+
+    fake = _fakes().FakeGpu(nvrtc=False)
+    _fakes().install(monkeypatch, fake)
+    plan_path, manifest = _fakes().plan_file(tmp_path, (1, 2, 8), bundle_options={"classes": CLASSES})
+    plan = make_plan("ddpm", manifest.diffusion, 4)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((5, 1, 8, 8), dtype=np.float32)
+    table = {i: rng.standard_normal(x.shape, dtype=np.float32) for i in range(plan.steps)}
+    labels = np.array([2, 1, 0, 0, 1])
+    with TensorRTDenoiser(plan_path, manifest) as denoiser, pytest.warns(RuntimeWarning, match="on the host"):
+        got = denoiser.run_chain(plan, x, table.get, labels=labels, guidance_scale=2.0)
+    np.testing.assert_allclose(got, _guided_host_chain(plan, x, labels, 2.0, 8, table), rtol=1e-5, atol=1e-5)
+    assert fake.launches == [] and fake.live() == {}
