@@ -23,7 +23,7 @@ ONNX_NAME = "unet.onnx"
 PLAN_NAME = "unet.plan"
 SIDECAR_SUFFIX = ".json"  # unet.plan -> unet.plan.json
 DTYPES = ("float32", "float16", "int64", "int32")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass
@@ -56,6 +56,7 @@ class Manifest:
     source: dict = field(default_factory=dict)  # kind, path, sha256
     model: dict = field(default_factory=dict)  # architecture config and parameter count, informative
     export: dict = field(default_factory=dict)  # exporter settings, informative
+    quantization: dict = field(default_factory=dict)  # int8: what was quantized, calibration, checks
     created_by: str = ""
 
     @property
@@ -92,6 +93,7 @@ class Manifest:
             "source": self.source,
             "model": self.model,
             "export": self.export,
+            **({"quantization": self.quantization} if self.quantization else {}),
         }
 
     def save(self, bundle_dir: str | Path) -> Path:
@@ -155,6 +157,7 @@ def _parse(data, where: str) -> Manifest:
             source=data.get("source", {}),
             model=data.get("model", {}),
             export=data.get("export", {}),
+            quantization=data.get("quantization", {}),
             created_by=data.get("created_by", ""),
         )
     except DtkError as e:
@@ -164,6 +167,10 @@ def _parse(data, where: str) -> Manifest:
     need(len(betas) == manifest.diffusion.num_train_timesteps, "betas do not match num_train_timesteps")
     need(bool(np.all((betas > 0) & (betas < 1))), "betas must lie in (0, 1)")
     need(manifest.precision in PRECISIONS, f"unknown precision {manifest.precision!r}")
+    need(
+        (manifest.precision == "int8") == bool(manifest.quantization),
+        "an int8 bundle needs a quantization section, and only an int8 bundle has one",
+    )
     need(
         1 <= manifest.batch["min"] <= manifest.batch["opt"] <= manifest.batch["max"],
         "batch needs 1 <= min <= opt <= max",

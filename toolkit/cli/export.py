@@ -54,11 +54,24 @@ def parse_batch(value: str):
 )
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "fp16"]),
+    type=click.Choice(["fp32", "fp16", "int8"]),
     default="fp32",
     show_default=True,
     help="fp16 computes in half precision but keeps GroupNorm, softmax/attention and the timestep "
-    "embedding in fp32; inputs and outputs stay float32.",
+    "embedding in fp32; int8 is a calibrated Q/DQ graph (convolutions and linear layers in int8) whose "
+    "images are checked against fp32's; inputs and outputs stay float32.",
+)
+@click.option(
+    "--calibration-data",
+    metavar="DIR|digits|shapes",
+    help="int8: images to calibrate on, noised across the schedule [default: the checkpoint's dataset].",
+)
+@click.option(
+    "--calibration-size",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="int8: calibration images (each at its own timestep).",
 )
 @click.option(
     "--no-verify", is_flag=True, help="Skip the parity check against PyTorch (a warning is printed)."
@@ -153,6 +166,8 @@ def command(
     opset,
     batch,
     precision,
+    calibration_data,
+    calibration_size,
     no_verify,
     atol,
     rtol,
@@ -180,6 +195,7 @@ def command(
     compared with PyTorch at timesteps near 0, T/2 and T-1 at the smallest and largest batch, and over a short
     DDIM chain; a difference out of tolerance fails the export and writes no bundle."""
     from dtk.export.bundle import ExportOptions, export_bundle
+    from dtk.export.int8_checks import Int8CheckError, format_checks
     from dtk.export.parity import ParityError, format_table, report_from_dict
 
     options = ExportOptions(
@@ -196,6 +212,8 @@ def command(
         weights=weights,
         external_data=True if external_data else None,
         exporter=exporter,
+        calibration_data=calibration_data,
+        calibration_size=calibration_size,
     )
     start = time.perf_counter()
     try:
@@ -203,8 +221,13 @@ def command(
     except ParityError as e:
         click.echo(format_table(e.report))
         raise
+    except Int8CheckError as e:
+        click.echo(format_checks(e.checks.to_dict()))
+        raise
     if manifest.parity.get("verified"):
         click.echo(format_table(report_from_dict(manifest.parity)))
+    if manifest.quantization.get("checks", {}).get("verified"):
+        click.echo(format_checks(manifest.quantization["checks"]))
     batch_range = manifest.batch
     batch_text = (
         f"fixed batch {batch_range['min']}"
