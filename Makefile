@@ -8,9 +8,18 @@ DEMO := demo
 
 .PHONY: demo test lint format clean
 
-$(STAMP): pyproject.toml constraints.txt
+# The Triton server of the serve extra, without its dependencies: nvidia-pytriton pins numpy<2, which only
+# PyTriton's own Python API needs (the tritonserver binary does not); with them pip would downgrade numpy.
+PYTRITON := nvidia-pytriton==0.7.0
+
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps '$(PYTRITON)'
+	# TensorRT 10's type stubs for tests/runtime/test_tensorrt_names.py: off sys.path and without their
+	# `tensorrt` dependency (their tensorrt/ folder would make `import tensorrt` succeed as an empty package)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --upgrade --target $(VENV)/tensorrt-stubs \
+		tensorrt-stubs==10.13.0.35.1
 	touch $(STAMP)
 
 # The main job, end to end: train (PyTorch) -> export (ONNX + parity table) -> sample (torch-free runtime) -> bench.

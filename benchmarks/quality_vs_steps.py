@@ -145,7 +145,7 @@ def sample_settings(bundle: Path, settings, num: int, seed: int, batch_size: int
         for sampler, steps in settings:
             print(f"sampling {num} with {sampler}, {steps} steps", file=sys.stderr)
             start = time.perf_counter()
-            latents = pipeline.sample_latents(num, steps, sampler, seed, batch_size=batch_size, progress=True)
+            latents = pipeline.sample_latents(num, steps, sampler, seed, max_batch=batch_size, progress=True)
             seconds = time.perf_counter() - start
             out.append(
                 {"sampler": sampler, "steps": steps, "images": as_displayed(latents), "seconds": seconds}

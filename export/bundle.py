@@ -6,6 +6,8 @@ passed onnx.checker and the parity check, so a failed or interrupted export leav
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -14,8 +16,20 @@ from pathlib import Path
 
 from dtk.runtime.errors import DtkError, file_error
 from dtk.runtime.files import atomic_dir, sha256
-from dtk.runtime.manifest import MANIFEST_NAME, ONNX_NAME, PRECISIONS, Manifest, TensorSpec, load_manifest
+from dtk.runtime.manifest import (
+    MANIFEST_NAME,
+    ONNX_NAME,
+    PRECISIONS,
+    SIDECAR_SUFFIX,
+    Manifest,
+    TensorSpec,
+    load_manifest,
+    owned_files,
+)
 
+PLAN_SUFFIX = ".plan"
+ENGINE_FILE = re.compile(r"unet(-[a-z0-9][a-z0-9._-]*)?\.plan(\.json)?")  # dtk build-engine [--engine-name]
+LEFTOVER_PREFIXES = (".engine-check-",)  # build-engine's scratch folder
 ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}
 
 
@@ -99,10 +113,12 @@ def export_bundle(
     *,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> Manifest:
     """Export `source_path` (a dtk checkpoint or a diffusers UNet2DModel folder) to the bundle `out_dir`.
 
-    Warnings go to `log` (default: stderr), also when `progress` is off.
+    Warnings go to `log` (default: stderr), also when `progress` is off. An earlier bundle at `out_dir` is
+    replaced only if it holds nothing but what dtk wrote, and one with a TensorRT plan only when `force`.
 
     Raises DtkError for bad input, ParityError (a DtkError with `.report`) when verification fails."""
     from dtk.export.onnx_export import TIMESTEP_DOC, export_onnx, normalize_batch
@@ -112,8 +128,8 @@ def export_bundle(
     options = options or ExportOptions()
     options.check()
     log = log or _stderr
-    out_dir = Path(out_dir)
-    _check_target(out_dir)
+    out_dir = bundle_target(out_dir)
+    check_replaceable(out_dir, force)
     batch = normalize_batch(options.batch)
     start = time.perf_counter()
 
@@ -124,7 +140,11 @@ def export_bundle(
             log(f"warning: {warning}")
         fp16_report, convert = _converter(options.precision)
 
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(
+            out_dir,
+            check=lambda path: check_replaceable(path, force),
+            on_wait=lambda: log(f"waiting for another dtk writing {out_dir}"),
+        ) as tmp:
             onnx_path = tmp / ONNX_NAME
             stages.next(f"exporting ONNX (opset {options.opset}, {options.precision})")
             result = export_onnx(
@@ -260,14 +280,70 @@ def _manifest(onnx_path, source, batch, opset, precision, parity, export_info) -
     )
 
 
-def _check_target(out_dir: Path) -> None:
-    """Replace an earlier bundle, never a directory that holds something else."""
-    if out_dir.is_file():
+def bundle_target(out_dir) -> Path:
+    """Where a bundle at `out_dir` goes: a symbolic link is followed (the link itself stays); the current
+    directory is refused, since a bundle folder is replaced as a whole."""
+    given = Path(out_dir)
+    if given.is_symlink() and not given.exists():
+        raise file_error(given, "is a broken symbolic link; give a folder for the bundle")
+    target = Path(os.path.realpath(given))
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise file_error(
+            given, "is the current directory (or holds it); give a bundle folder by name, e.g. -o bundle"
+        )
+    return target
+
+
+def check_replaceable(out_dir: Path, force: bool = False) -> None:
+    """Replace an earlier bundle only: refuse a folder holding anything dtk did not write there, and one
+    holding a TensorRT plan (built on its target, not rebuilt by export) unless `force`."""
+    if not os.path.lexists(out_dir):
+        return
+    if not out_dir.is_dir():
         raise file_error(out_dir, "is a file; give a directory for the bundle")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return
+    if MANIFEST_NAME not in entries:
         raise file_error(
             out_dir, "exists and is not a dtk bundle; refusing to replace it (choose another -o)"
         )
+    owned = owned_files(out_dir)
+    foreign = [n for n in entries if not _owned(n, owned, out_dir)]
+    if foreign:
+        raise file_error(
+            out_dir,
+            f"holds files dtk did not write there ({_listing(foreign)}); refusing to replace the bundle "
+            "(move them out or choose another -o)",
+        )
+    plans = [n for n in entries if n.endswith(PLAN_SUFFIX) or n.endswith(PLAN_SUFFIX + SIDECAR_SUFFIX)]
+    if plans and not force:
+        raise file_error(
+            out_dir,
+            f"holds a TensorRT engine that this export would delete ({_listing(plans)}); "
+            "pass --force to replace it, or choose another -o",
+        )
+
+
+def _owned(name: str, owned: set[str], out_dir: Path) -> bool:
+    """A file dtk writes in a bundle (the manifest's, or an engine `unet[-NAME].plan[.json]`), or what a
+    killed dtk writer left there (`.unet.plan.lock`, `.dtk.json.x.partial`, `.engine-check-x/`)."""
+    if name.startswith(LEFTOVER_PREFIXES) or any(
+        name == f".{base}.lock" or (name.startswith(f".{base}.") and name.endswith(".partial"))
+        for base in owned
+    ):
+        return True
+    return (name in owned or ENGINE_FILE.fullmatch(name) is not None) and not _is_real_dir(out_dir / name)
+
+
+def _is_real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _listing(names: list[str], most: int = 5) -> str:
+    shown = ", ".join(names[:most])
+    return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
 
 
 def _converter(precision: str):

@@ -62,7 +62,30 @@ def describe_bundle(bundle: Path) -> dict:
     }
     if manifest.plan and (bundle / manifest.plan).is_file():
         info["plan"] = _sidecar_summary(bundle / manifest.plan)
+    engines = _engines(bundle, manifest)
+    if len(engines) > 1:
+        info["engines"] = engines
     return info
+
+
+def _engines(bundle: Path, manifest: Manifest) -> list[dict]:
+    """Every plan of the bundle with its sidecar (one per GPU model or precision)."""
+    from dtk.runtime.sidecar import bundle_plans, load_sidecar
+
+    out = []
+    for plan in bundle_plans(bundle, manifest.plan):
+        sidecar = load_sidecar(plan)
+        check = sidecar.parity.get("passed") if sidecar.parity else None
+        out.append(
+            {
+                "name": plan.name,
+                "gpu": f"{sidecar.gpu_name} ({sidecar.sm})",
+                "precision": sidecar.precision,
+                "tensorrt": sidecar.tensorrt_version,
+                "checked": {True: "passed", False: "FAILED", None: "not checked"}[check],
+            }
+        )
+    return out
 
 
 def schedule_summary(manifest: Manifest) -> dict:
@@ -194,15 +217,29 @@ def _sidecar_summary(plan: Path, sidecar=None) -> dict:
     from dtk.runtime.sidecar import load_sidecar
 
     sidecar = sidecar or load_sidecar(plan)
+    gpu = f"{sidecar.gpu_name} ({sidecar.sm}"
+    if sidecar.sm_count:
+        gpu += f", {sidecar.sm_count} SMs"
+    if sidecar.integrated:
+        gpu += ", integrated"
     return {
         "tensorrt_version": sidecar.tensorrt_version,
-        "gpu": f"{sidecar.gpu_name} ({sidecar.sm})",
+        "gpu": gpu + ")",
+        "platform": sidecar.platform or "not recorded",
         "precision": sidecar.precision,
         "strongly_typed": sidecar.strongly_typed,
         "hardware_compat": sidecar.hardware_compat,
         "version_compat": sidecar.version_compat,
         "profiles": sidecar.profiles,
         "onnx_sha256": sidecar.onnx_sha256,
+        "engine_check": (
+            parity_summary(sidecar.parity)
+            if sidecar.parity
+            else {
+                "verified": False,
+                "reason": "not checked against ONNX Runtime (--no-verify, or an older dtk)",
+            }
+        ),
     }
 
 
@@ -255,6 +292,19 @@ def _bundle_files(bundle: Path, manifest: Manifest) -> list[dict]:
             entry["matches_export"] = recorded == entry["sha256"]
         files.append(entry)
     return files
+
+
+def mismatches(info: dict) -> list[str]:
+    """What `describe` found that is not what was exported: ONNX files whose hash differs from the export's,
+    a plan whose hash differs from its sidecar's."""
+    problems = [
+        f"{entry['name']} does not match the sha256 the export recorded (not the exported model)"
+        for entry in info.get("files", [])
+        if entry.get("matches_export") is False
+    ]
+    if info.get("plan_matches_sidecar") is False:
+        problems.append("the plan does not match the sha256 in its sidecar")
+    return problems
 
 
 def format_description(info: dict) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import tempfile
 import time
 import warnings
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dtk.runtime.errors import DtkError
+from dtk.runtime.files import umask
 
 INPUT_NAMES = ("sample", "timestep")
 OUTPUT_NAME = "model_output"
@@ -105,7 +107,8 @@ def export_onnx(
     if external_data is None:
         external_data = _weight_bytes(module) > EXTERNAL_DATA_BYTES
 
-    with tempfile.TemporaryDirectory(prefix="dtk-export-") as tmp:
+    # beside the output (inside the bundle's temporary folder), so a killed export leaves nothing elsewhere
+    with tempfile.TemporaryDirectory(prefix=".dtk-export-", dir=path.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
         _torch_export(module, sample_shape, raw, opset, batch, exporter)
         model = onnx.load(str(raw))
@@ -144,6 +147,9 @@ def save_model(model, path: Path, external_data: bool) -> None:
     data.unlink(missing_ok=True)
     if external_data:
         onnx.save_model(model, str(path), save_as_external_data=True, location=data.name, size_threshold=1024)
+        os.chmod(
+            data, 0o666 & ~umask()
+        )  # onnx writes the weights file 0600; it follows the umask like the rest
     else:
         onnx.save_model(model, str(path))
 
@@ -192,12 +198,24 @@ def _torch_export(module, sample_shape, raw: Path, opset: int, batch: dict, expo
             else:
                 torch.onnx.export(module, (sample, timestep), str(raw), **kwargs)
         except Exception as e:  # the exporters raise many types; name the step and the cause
+            if _interrupted(e):  # torch.export wraps a Ctrl-C (or SIGTERM) in its own error
+                raise KeyboardInterrupt from None
             tail = "\n".join(captured.getvalue().strip().splitlines()[-5:])
             raise DtkError(
                 f"torch.onnx.export ({exporter}) failed: {type(e).__name__}: {_first_line(e)}"
                 + (f"\n{tail}" if tail else "")
                 + ("\n(try --exporter torchscript)" if exporter == "dynamo" else "")
             ) from e
+
+
+def _interrupted(error: BaseException) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _first_line(e: Exception) -> str:

@@ -8,6 +8,9 @@ Two checks, on seeded inputs:
   agree within chain_atol · max(1, max |x_torch|) (random-weight models drift far from [-1, 1]), because
   per-step error compounds.
 NaN or Inf in any output fails the check and is named.
+
+`compare_denoisers` is the same check between any two denoisers; dtk.export.engine_check runs it on a TensorRT
+engine against ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class ParityReport:
     cases: list[ParityCase] = field(default_factory=list)
     chain: ChainResult | None = None
     seconds: float = 0.0
+    reference: str = "PyTorch fp32 on CPU"
 
     @property
     def passed(self) -> bool:
@@ -98,7 +102,7 @@ class ParityReport:
             "precision": self.precision,
             **asdict(self.tolerance),
             "provider": self.provider,
-            "reference": "PyTorch fp32 on CPU",
+            "reference": self.reference,
             "seed": self.seed,
             "cases": [asdict(c) for c in self.cases],
             "chain": asdict(self.chain) if self.chain else None,
@@ -117,6 +121,7 @@ def report_from_dict(data: dict) -> ParityReport:
         cases=[ParityCase(**c) for c in data["cases"]],
         chain=ChainResult(**chain) if chain else None,
         seconds=data.get("seconds", 0.0),
+        reference=data.get("reference", "PyTorch fp32 on CPU"),
     )
 
 
@@ -151,25 +156,60 @@ def check_parity(
     progress: bool = True,
 ) -> ParityReport:
     """Run every case; the report says what passed (raise ParityError yourself, or use `verify`)."""
-    start = time.perf_counter()
-    tolerance = tolerance or TOLERANCES[precision]
     session = _session(onnx_path)
-    report = ParityReport(precision, tolerance, session.get_providers()[0], seed)
+    with _one_torch_thread():
+        return compare_denoisers(
+            lambda x, t: _run(session, x, t),
+            lambda x, t: _torch(module, x, t),
+            diffusion,
+            sample_shape,
+            batch,
+            precision,
+            tolerance=tolerance or TOLERANCES[precision],
+            chain_steps=chain_steps,
+            seed=seed,
+            progress=progress,
+            provider=session.get_providers()[0],
+        )
+
+
+def compare_denoisers(
+    candidate,
+    reference,
+    diffusion,
+    sample_shape: tuple[int, int, int],
+    batch: dict,
+    precision: str,
+    *,
+    tolerance: Tolerance,
+    chain_steps: int = 20,
+    seed: int = 0,
+    progress: bool = True,
+    provider: str = "",
+    reference_name: str = "PyTorch fp32 on CPU",
+    candidate_chain=None,
+) -> ParityReport:
+    """The parity cases and chain of `candidate` against `reference`, each `(x float32 [B,C,H,W], t [B]) →
+    output`. `candidate_chain(plan, x, noise)`, when given, runs the candidate's chain instead of
+    `sample_loop` over `candidate` (a TensorRT engine's chain stays on the GPU)."""
+    start = time.perf_counter()
+    report = ParityReport(precision, tolerance, provider, seed, reference=reference_name)
     T = diffusion.num_train_timesteps
     cases = [(b, t) for b in sorted({batch["min"], batch["max"]}) for t in parity_timesteps(b, T)]
     rng = np.random.default_rng(seed)
     inputs = [(rng.standard_normal((b, *sample_shape), dtype=np.float32), t) for b, t in cases]
 
-    with _bar(2 * len(cases) + (1 if chain_steps else 0), progress) as bar, _one_torch_thread():
-        # all ONNX Runtime calls, then all torch ones: their thread pools must not compete for few cores
-        onnx_out = [bar.step(_run(session, x, t)) for x, t in inputs]
-        refs = [bar.step(_torch(module, x, t)) for x, t in inputs]
-        for (b, t), out, ref in zip(cases, onnx_out, refs, strict=True):
+    with _bar(2 * len(cases) + (1 if chain_steps else 0), progress) as bar:
+        # all candidate calls, then all reference ones: their thread pools must not compete for few cores
+        outs = [bar.step(candidate(x, _timesteps(t, len(x)))) for x, t in inputs]
+        refs = [bar.step(reference(x, _timesteps(t, len(x)))) for x, t in inputs]
+        for (b, t), out, ref in zip(cases, outs, refs, strict=True):
             report.cases.append(_compare(b, t, out, ref, tolerance))
         if chain_steps:  # at the smallest batch: the chain checks error growth, the cases above the batches
             report.chain = _chain(
-                session, module, diffusion, sample_shape, batch["min"], chain_steps, seed, tolerance
-            )
+                candidate, reference, diffusion, sample_shape, batch["min"], chain_steps, seed, tolerance,
+                candidate_chain,
+            )  # fmt: skip
             bar.update(1)
     report.seconds = time.perf_counter() - start
     return report
@@ -186,7 +226,7 @@ def verify(*args, **kwargs) -> ParityReport:
 def format_table(report: ParityReport) -> str:
     tol = report.tolerance
     head = (
-        f"parity ({report.precision}, {report.provider} vs PyTorch fp32): "
+        f"parity ({report.precision}, {report.provider} vs {report.reference.removesuffix(' on CPU')}): "
         f"|Δ| ≤ {tol.atol:g} + {tol.rtol:g}·|ref| per call, chain |Δ| ≤ {tol.chain_atol:g}·max(1, |ref|)"
     )
     rows = [("check", "batch", "timesteps", "max |Δ|", "max |ref|", "Δ/tol", "result")]
@@ -324,18 +364,24 @@ def _compare(batch: int, ts, out: np.ndarray, ref: np.ndarray, tol: Tolerance) -
     )
 
 
-def _chain(session, module, diffusion, sample_shape, batch, steps, seed, tol: Tolerance) -> ChainResult:
+def _chain(
+    candidate, reference, diffusion, sample_shape, batch, steps, seed, tol: Tolerance, candidate_chain=None
+) -> ChainResult:
     from dtk.runtime.samplers import NoiseSource, make_plan, sample_loop
 
     plan = make_plan(CHAIN_SAMPLER, diffusion, steps, eta=0.0)
 
-    def run(denoise):
+    def run(denoise, chain=None):
         source = NoiseSource(seed)
         x = source.initial(batch, sample_shape)
-        return sample_loop(denoise, x, plan, lambda i: source.step(batch, sample_shape))
+        noise = lambda i: source.step(batch, sample_shape)  # noqa: E731
+        if chain is not None:
+            return chain(plan, x, noise)
+        call = lambda x, t: denoise(np.asarray(x, dtype=np.float32), _timesteps(t, len(x)))  # noqa: E731
+        return sample_loop(call, x, plan, noise)
 
-    out = run(lambda x, t: _run(session, np.asarray(x, dtype=np.float32), t))
-    ref = run(lambda x, t: _torch(module, np.asarray(x, dtype=np.float32), t))
+    out = run(candidate, candidate_chain)
+    ref = run(reference)
     problem = _nonfinite(np.asarray(out), np.asarray(ref))
     max_abs = float(np.max(np.abs(out - ref))) if not problem else float("nan")
     max_ref = float(np.max(np.abs(ref))) if not problem else float("nan")

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dtk.runs import run_checkpoint
 from dtk.runtime.errors import DtkError, file_error
 from dtk.runtime.files import sha256
 from dtk.runtime.schedule import DiffusionConfig
@@ -45,14 +46,16 @@ class ModelSource:
 
 
 def load_source(path: str | Path, weights: str = "ema") -> ModelSource:
-    """A dtk checkpoint file, or a diffusers UNet2DModel folder (or a pipeline folder with `unet/` in it)."""
+    """A dtk checkpoint file or run folder (its model.pt), or a diffusers UNet2DModel folder (or a pipeline
+    folder with `unet/` in it)."""
     path = Path(path)
     if weights not in WEIGHTS:
         raise DtkError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
     if not path.exists():
         raise file_error(path, "no such file or directory")
     if path.is_dir():
-        return _load_diffusers(path)
+        run = run_checkpoint(path)
+        return _load_checkpoint(run, weights) if run is not None else _load_diffusers(path)
     if path.suffix in (".onnx", ".plan"):
         raise file_error(
             path, "already exported; `dtk export` takes a checkpoint (model.pt) or a diffusers folder"
@@ -124,7 +127,7 @@ def _diffusers_layout(path: Path) -> tuple[Path, Path | None]:
     else:
         raise file_error(
             path,
-            "not a checkpoint or a diffusers model folder (no config.json); "
+            "not a run folder (no model.pt), a checkpoint or a diffusers model folder (no config.json); "
             "save one with UNet2DModel.save_pretrained(folder)",
         )
     candidates = [unet_dir / "scheduler_config.json", unet_dir.parent / "scheduler" / "scheduler_config.json"]

@@ -5,7 +5,10 @@ strongly typed networks only: the precision is the ONNX graph's own, so an fp16 
 export (`dtk export --precision fp16`). An int8 bundle is a Q/DQ graph (explicit quantization, no calibrator):
 TensorRT 11 and strongly typed builds take it as it is; weakly typed TensorRT 10 also needs the INT8 flag.
 The installed major version picks the path. Engines are built on the GPU that will run them; the sidecar
-records which, and the runtime refuses a plan built for another TensorRT or GPU.
+records which, and the runtime refuses a plan built for another TensorRT or GPU. A new engine is checked
+against ONNX Runtime (dtk.export.engine_check) before it replaces anything: one that fails leaves no plan.
+`engine_name` puts several engines in one bundle (`unet-<name>.plan`, one per GPU model or precision), each
+with its sidecar.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import re
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -22,7 +28,7 @@ from pathlib import Path
 from dtk.runtime.errors import DtkError, file_error
 from dtk.runtime.files import sha256, write_bytes
 from dtk.runtime.manifest import PLAN_NAME, PRECISIONS, Manifest, resolve_bundle
-from dtk.runtime.sidecar import HARDWARE_COMPAT, PlanSidecar
+from dtk.runtime.sidecar import AMPERE, HARDWARE_COMPAT, PlanSidecar, architecture, this_platform
 
 MiB = 1 << 20
 OPT_LEVELS = range(0, 6)  # TensorRT's builder optimization levels; 3 is its default
@@ -43,6 +49,11 @@ class EngineOptions:
     strongly_typed: bool = False  # TensorRT 10: build strongly typed like 11 does (11 always is)
     device: int = 0  # the GPU to build on, which is the GPU the plan is for
     verbose: bool = False  # all of TensorRT's log, not only warnings and errors
+    engine_name: str | None = None  # unet-<name>.plan beside the others; None: unet.plan
+    verify: bool = True  # compare the engine with ONNX Runtime before installing it
+    atol: float | None = None  # engine check bounds; None: dtk.export.engine_check's for the precision
+    rtol: float | None = None
+    chain_atol: float | None = None
 
     def __post_init__(self):
         if self.hardware_compat is True:
@@ -57,6 +68,15 @@ class EngineOptions:
             raise DtkError(f"workspace must be at least 1 MiB, got {self.workspace}")
         if self.opt_level is not None and self.opt_level not in OPT_LEVELS:
             raise DtkError(f"opt level must be 0..5, got {self.opt_level}")
+        if self.engine_name is not None and not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", self.engine_name):
+            raise DtkError(
+                f"engine name {self.engine_name!r}: use lowercase letters, digits, '.', '_' and '-' "
+                "(e.g. orin-nx-fp16)"
+            )
+
+    @property
+    def plan_name(self) -> str:
+        return PLAN_NAME if self.engine_name is None else f"unet-{self.engine_name}.plan"
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -75,8 +95,9 @@ def build_engine(bundle_dir, options: EngineOptions | None = None, progress: boo
     if not onnx_path.is_file():
         raise file_error(onnx_path, "missing: the bundle has no ONNX graph to build from (export it again)")
     trt, gpu = _require_tensorrt_and_gpu(options.device)
+    _check_hardware_compat(options, gpu)
 
-    from dtk.runtime.backends.tensorrt import make_logger, tensorrt_major
+    from dtk.runtime.backends.tensorrt import create, make_logger, tensorrt_major
 
     major = tensorrt_major(trt)
     if major < 10:
@@ -85,13 +106,10 @@ def build_engine(bundle_dir, options: EngineOptions | None = None, progress: boo
     precision = _precision(options, manifest, strongly_typed, major)
 
     logger = make_logger(trt, options.verbose)
-    builder = trt.Builder(logger)
-    if builder is None:
-        raise DtkError(
-            f"TensorRT could not create a builder: {'; '.join(logger.errors) or 'no reason given'}"
-        )
+    builder = create(trt.Builder, logger, "a builder", logger)
     network = builder.create_network(_network_flags(trt, strongly_typed))
-    parser = trt.OnnxParser(network, logger)
+    parser = create(trt.OnnxParser, logger, "an ONNX parser", network, logger)
+    logger.clear()
     if not parser.parse_from_file(str(onnx_path)):  # from the file, so external weights (unet.onnx.data) load
         errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)] or logger.errors
         raise file_error(
@@ -106,7 +124,9 @@ def build_engine(bundle_dir, options: EngineOptions | None = None, progress: boo
         profile = builder.create_optimization_profile()
         for name, (low, opt, high) in shapes.items():
             profile.set_shape(name, low, opt, high)
-        config.add_optimization_profile(profile)
+        logger.clear()
+        if config.add_optimization_profile(profile) < 0:
+            raise file_error(onnx_path, f"TensorRT refused the batch profile {shapes}: {logger.reason()}")
     if options.timing_cache is not None:
         _load_timing_cache(config, Path(options.timing_cache))
 
@@ -114,6 +134,7 @@ def build_engine(bundle_dir, options: EngineOptions | None = None, progress: boo
     if monitor is not None:
         config.progress_monitor = monitor
     start = time.perf_counter()
+    logger.clear()
     try:
         serialized = builder.build_serialized_network(network, config)
     finally:
@@ -123,18 +144,20 @@ def build_engine(bundle_dir, options: EngineOptions | None = None, progress: boo
     if serialized is None:
         if monitor is not None and monitor.cancelled:
             raise KeyboardInterrupt
-        reason = " | ".join(logger.errors) or "no reason given; run with --verbose"
+        reason = logger.reason("no reason given; run with --verbose")
         raise file_error(onnx_path, f"TensorRT could not build an engine: {reason}")
     if options.timing_cache is not None:
         write_bytes(options.timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
 
     data = bytes(memoryview(serialized))
-    plan_path = bundle / PLAN_NAME
-    write_bytes(plan_path, data)
-    PlanSidecar(
+    sidecar = PlanSidecar(
         tensorrt_version=trt.__version__,
         gpu_name=gpu.name,
         compute_capability=gpu.compute_capability,
+        architecture=architecture(gpu.compute_capability),
+        integrated=gpu.integrated,
+        sm_count=gpu.sm_count,
+        platform=this_platform(),
         precision=precision,
         profiles=[{name: {"min": low, "opt": opt, "max": high} for name, (low, opt, high) in shapes.items()}],
         onnx=manifest.onnx,
@@ -145,10 +168,50 @@ def build_engine(bundle_dir, options: EngineOptions | None = None, progress: boo
         version_compat=options.version_compat,
         build={**options.to_dict(), "seconds": round(seconds, 2), "tf32": precision != "fp32"},
         created_by=_created_by(),
-    ).save(plan_path)
-    manifest.plan = PLAN_NAME
+    )
+    if options.verify:
+        sidecar.parity = _checked(data, sidecar, bundle, manifest, options, precision, progress)
+    plan_path = bundle / options.plan_name
+    write_bytes(plan_path, data)
+    sidecar.save(plan_path)
+    manifest.plan = options.plan_name
     manifest.save(bundle)
     return plan_path
+
+
+def _checked(data: bytes, sidecar, bundle: Path, manifest, options, precision, progress) -> dict:
+    """The engine against ONNX Runtime, from a scratch folder in the bundle; EngineParityError when it fails
+    (the folder, and so the plan, is gone either way)."""
+    from dtk.export.engine_check import EngineParityError, check_engine, tolerance_for
+
+    tolerance = tolerance_for(precision, options.atol, options.rtol, options.chain_atol)
+    scratch = Path(tempfile.mkdtemp(prefix=".engine-check-", dir=bundle))
+    try:
+        candidate = scratch / options.plan_name
+        candidate.write_bytes(data)
+        sidecar.save(candidate)
+        report = check_engine(
+            candidate, bundle / manifest.onnx, manifest, precision, tolerance, device=options.device,
+            progress=progress,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if not report.passed:
+        raise EngineParityError(report, options.plan_name)
+    return report.to_dict()
+
+
+def _check_hardware_compat(options: EngineOptions, gpu) -> None:
+    """TensorRT builds hardware-compatible plans for discrete Ampere-or-newer GPUs only."""
+    if options.hardware_compat != "ampere+":
+        return
+    if gpu.integrated:
+        raise DtkError(
+            f"--hardware-compat is not supported on {gpu.name}: TensorRT builds hardware-compatible plans "
+            "for discrete GPUs only, not for Jetson's integrated GPU; build without it on each board model"
+        )
+    if tuple(gpu.compute_capability) < AMPERE:
+        raise DtkError(f"--hardware-compat needs an Ampere or newer GPU (sm_80+); {gpu.name} is {gpu.sm}")
 
 
 def _require_tensorrt_and_gpu(device: int):

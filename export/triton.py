@@ -1,5 +1,10 @@
 """A Triton Inference Server model repository from a bundle: DIR/<name>/config.pbtxt + DIR/<name>/1/model.*.
 
+Two models: `dtk_sampler` (`write_sampler_model`), a Python-backend model that answers whole-image requests
+with dtk.runtime (the request contract is in docs/serving.md), and the denoiser alone
+(`write_triton_repository`) for GPU servers with the ONNX Runtime or TensorRT backends, whose clients run
+the sampling loop themselves.
+
 The config is built as plain data (`triton_config`) and rendered as protobuf text (`render_pbtxt`) in the
 shape of Triton's `inference.ModelConfig`. A dynamic-batch bundle becomes `max_batch_size: <max>` with dims
 that leave out the batch, and the [batch] timestep input is declared `dims: [1]` with
@@ -21,6 +26,11 @@ PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "plan": ("tensorrt_plan
 KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
 DATA_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
 VERSION = "1"
+
+
+SAMPLER_MODEL = "dtk_sampler"
+SAMPLER_SOURCE = Path(__file__).with_name("triton_model.py")  # copied as <repo>/dtk_sampler/1/model.py
+BUNDLE_FILES = (MANIFEST_NAME, "unet.onnx", "unet.onnx.data", "unet*.plan", "unet*.plan.json")  # every engine
 
 
 class Enum(str):
@@ -58,6 +68,84 @@ def write_triton_repository(bundle, repo_dir, options: TritonOptions | None = No
         write_text(tmp / "config.pbtxt", render_pbtxt(config))
         shutil.copyfile(bundle_dir / MANIFEST_NAME, tmp / MANIFEST_NAME)
     return target
+
+
+@dataclass
+class SamplerOptions:
+    """`dtk_sampler`: defaults for requests that leave out steps or the sampler, instances, batching."""
+
+    name: str = SAMPLER_MODEL
+    steps: int = 50  # --serve-steps
+    sampler: str = "ddim"  # --serve-sampler
+    kind: str = "cpu"  # instance_group kind; KIND_GPU hands each instance its GPU
+    instances: int = 1
+    max_queue_delay_us: int = 2000  # a sampling run lasts far longer: waiting 2 ms fills batches cheaply
+    backend: str = "auto"  # dtk.runtime backend: auto, onnxruntime or tensorrt
+    threads: int = 0  # ONNX Runtime intra-op threads per instance (0: its default)
+    cuda_graph: bool = False  # TensorRT: capture the denoiser step in a CUDA graph (fixed-batch plans)
+
+
+def write_sampler_model(bundle, repo_dir, options: SamplerOptions | None = None) -> Path:
+    """Add `dtk_sampler` for the bundle to the repository `repo_dir`: config.pbtxt, 1/model.py and the bundle
+    in 1/bundle/. Return the model directory."""
+    options = options or SamplerOptions()
+    bundle_dir, manifest = resolve_bundle(bundle)
+    config = sampler_config(manifest, options)
+    target = Path(repo_dir) / options.name
+    if target.exists() and not (target / "config.pbtxt").is_file():
+        raise file_error(target, "exists and is not a Triton model directory; refusing to replace it")
+    with atomic_dir(target) as tmp:
+        version = tmp / VERSION
+        (version / "bundle").mkdir(parents=True)
+        shutil.copyfile(SAMPLER_SOURCE, version / "model.py")
+        for pattern in BUNDLE_FILES:
+            for path in bundle_dir.glob(pattern):
+                shutil.copyfile(path, version / "bundle" / path.name)
+        write_text(tmp / "config.pbtxt", render_pbtxt(config))
+    return target
+
+
+def sampler_config(manifest: Manifest, options: SamplerOptions) -> dict:
+    """`dtk_sampler`'s ModelConfig: seed INT64 [1], optional steps INT32 [1] and eta FP32 [1] → image UINT8
+    [H, W, C], batched up to the bundle's largest batch, with the defaults as string parameters."""
+    from dtk.runtime.samplers import make_plan
+
+    if options.kind not in KINDS:
+        raise DtkError(f"unknown Triton instance kind {options.kind!r}; choose one of {', '.join(KINDS)}")
+    if options.instances < 1:
+        raise DtkError(f"Triton instance count must be at least 1, got {options.instances}")
+    make_plan(options.sampler, manifest.diffusion, options.steps)  # refuses a default no request could use
+    height, width = manifest.image_size
+    parameters = {
+        "bundle": "bundle",
+        "default_steps": options.steps,
+        "default_sampler": options.sampler,
+        "backend": options.backend,
+        "threads": options.threads,
+        "cuda_graph": options.cuda_graph,
+    }
+    return {
+        "name": options.name,
+        "backend": "python",
+        "max_batch_size": manifest.batch["max"],
+        "input": [
+            {"name": "seed", "data_type": Enum("TYPE_INT64"), "dims": [1]},
+            {"name": "steps", "data_type": Enum("TYPE_INT32"), "dims": [1], "optional": True},
+            {"name": "eta", "data_type": Enum("TYPE_FP32"), "dims": [1], "optional": True},
+        ],
+        "output": [
+            {"name": "image", "data_type": Enum("TYPE_UINT8"), "dims": [height, width, manifest.in_channels]}
+        ],
+        "instance_group": [{"count": options.instances, "kind": Enum(KINDS[options.kind])}],
+        "dynamic_batching": {"max_queue_delay_microseconds": options.max_queue_delay_us},
+        "parameters": [
+            {
+                "key": key,
+                "value": {"string_value": str(value).lower() if isinstance(value, bool) else str(value)},
+            }
+            for key, value in parameters.items()
+        ],
+    }
 
 
 def triton_config(manifest: Manifest, options: TritonOptions, model: str = "onnx") -> dict:
@@ -157,3 +245,13 @@ def _scalar(value) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return str(value)
+
+
+def write_serving_repository(
+    bundle, repo_dir, sampler: SamplerOptions | None = None, denoiser: TritonOptions | None = None
+) -> list[Path]:
+    """Both models for the bundle in `repo_dir`: `dtk_sampler` and the denoiser alone; → their directories."""
+    return [
+        write_sampler_model(bundle, repo_dir, sampler),
+        write_triton_repository(bundle, repo_dir, denoiser),
+    ]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dtk.runtime.checks import check_diffusion_fields, is_int, is_number, need_file_name, need_int, need_type
 from dtk.runtime.errors import DtkError, file_error
 from dtk.runtime.files import write_text
 from dtk.runtime.schedule import DiffusionConfig
@@ -24,6 +25,10 @@ PLAN_NAME = "unet.plan"
 SIDECAR_SUFFIX = ".json"  # unet.plan -> unet.plan.json
 DTYPES = ("float32", "float16", "int64", "int32")
 PRECISIONS = ("fp32", "fp16", "int8")
+BETAS_RTOL = 1e-6  # explicit betas must be the config's schedule (float32 round trips pass)
+MAX_SIDE = 16384  # image side, pixels
+MAX_CHANNELS = 64
+MAX_BATCH = 65536
 
 
 @dataclass
@@ -130,42 +135,28 @@ def _parse(data, where: str) -> Manifest:
         f'not a dtk manifest (no "schema": "{SCHEMA}")',
     )
     version = data.get("schema_version")
-    need(isinstance(version, int), "schema_version is missing")
+    need(is_int(version), "schema_version is missing or not an integer")
+    need(version >= 1, f"schema_version must be at least 1, got {version}")
     need(
         version <= SCHEMA_VERSION,
         f"schema version {version} is newer than this dtk reads ({SCHEMA_VERSION}); upgrade dtk",
     )
     try:
-        image, io, diff, files = data["image"], data["io"], dict(data["diffusion"]), data["files"]
-        betas = np.asarray(diff.pop("betas"), dtype=np.float64)
-        inputs = [TensorSpec(**s) for s in io["inputs"]]
-        outputs = [TensorSpec(**s) for s in io["outputs"]]
-        manifest = Manifest(
-            image_size=tuple(int(v) for v in image["size"]),
-            in_channels=int(image["in_channels"]),
-            out_channels=int(image["out_channels"]),
-            inputs=inputs,
-            outputs=outputs,
-            batch={k: int(io["batch"][k]) for k in ("min", "opt", "max")},
-            diffusion=DiffusionConfig.from_dict(diff),
-            betas=betas,
-            precision=data["precision"],
-            opset=int(data["opset"]),
-            onnx=files["onnx"],
-            plan=files.get("plan"),
-            parity=data.get("parity", {}),
-            source=data.get("source", {}),
-            model=data.get("model", {}),
-            export=data.get("export", {}),
-            quantization=data.get("quantization", {}),
-            created_by=data.get("created_by", ""),
-        )
+        manifest = _fields(data)
     except DtkError as e:
         raise file_error(where, str(e)) from None
     except (KeyError, TypeError, ValueError) as e:
         raise file_error(where, f"malformed manifest ({type(e).__name__}: {e})") from None
+    betas = manifest.betas
     need(len(betas) == manifest.diffusion.num_train_timesteps, "betas do not match num_train_timesteps")
     need(bool(np.all((betas > 0) & (betas < 1))), "betas must lie in (0, 1)")
+    expected = manifest.diffusion.betas
+    need(
+        bool(np.allclose(betas, expected, rtol=BETAS_RTOL, atol=0.0)),
+        f"betas disagree with the schedule config ({manifest.diffusion.beta_schedule}, "
+        f"T={manifest.diffusion.num_train_timesteps}): largest difference "
+        f"{float(np.max(np.abs(betas - expected))):.3g}; the samplers use the config's schedule",
+    )
     need(manifest.precision in PRECISIONS, f"unknown precision {manifest.precision!r}")
     need(
         (manifest.precision == "int8") == bool(manifest.quantization),
@@ -175,14 +166,79 @@ def _parse(data, where: str) -> Manifest:
         1 <= manifest.batch["min"] <= manifest.batch["opt"] <= manifest.batch["max"],
         "batch needs 1 <= min <= opt <= max",
     )
-    names = [s.name for s in inputs]
+    names = [s.name for s in manifest.inputs]
     need(
-        len(inputs) == 2 and len(outputs) == 1,
+        len(manifest.inputs) == 2 and len(manifest.outputs) == 1,
         f"expected inputs (sample, timestep) and one output, got {names}",
     )
-    for spec in inputs + outputs:
+    for spec in manifest.inputs + manifest.outputs:
         need(spec.dtype in DTYPES, f"tensor {spec.name!r} has unknown dtype {spec.dtype!r}")
     return manifest
+
+
+def _fields(data: dict) -> Manifest:
+    """The manifest's fields, each type-checked (DtkError names the first bad one)."""
+    image = need_type(data["image"], "image", dict, "an object")
+    io = need_type(data["io"], "io", dict, "an object")
+    diff = dict(need_type(data["diffusion"], "diffusion", dict, "an object"))
+    files = need_type(data["files"], "files", dict, "an object")
+    betas = need_type(diff.pop("betas"), "diffusion.betas", list, "a list of numbers")
+    if not all(is_number(b) for b in betas):
+        raise DtkError("diffusion.betas must be a list of finite numbers")
+    check_diffusion_fields(diff, DiffusionConfig)
+    size = need_type(image["size"], "image.size", list, "[height, width]")
+    if len(size) != 2:
+        raise DtkError(f"image.size must be [height, width], got {size!r}")
+    batch = need_type(io["batch"], "io.batch", dict, "an object")
+    sections = {}
+    for name in ("parity", "source", "model", "export", "quantization"):
+        sections[name] = need_type(data.get(name, {}), name, dict, "an object")
+    return Manifest(
+        image_size=tuple(need_int(v, "image.size", 1, MAX_SIDE) for v in size),
+        in_channels=need_int(image["in_channels"], "image.in_channels", 1, MAX_CHANNELS),
+        out_channels=need_int(image["out_channels"], "image.out_channels", 1, MAX_CHANNELS),
+        inputs=_specs(io["inputs"], "io.inputs"),
+        outputs=_specs(io["outputs"], "io.outputs"),
+        batch={k: need_int(batch[k], f"io.batch.{k}", 1, MAX_BATCH) for k in ("min", "opt", "max")},
+        diffusion=DiffusionConfig.from_dict(diff),
+        betas=np.asarray(betas, dtype=np.float64),
+        precision=need_type(data["precision"], "precision", str, "a string"),
+        opset=need_int(data["opset"], "opset", 1),
+        onnx=need_file_name(files["onnx"], "files.onnx"),
+        plan=need_file_name(files.get("plan"), "files.plan", optional=True),
+        **sections,
+        created_by=need_type(data.get("created_by", ""), "created_by", str, "a string"),
+    )
+
+
+def _specs(value, name: str) -> list[TensorSpec]:
+    specs = []
+    for item in need_type(value, name, list, "a list of tensors"):
+        item = need_type(item, name, dict, "a list of {name, dtype, shape}")
+        spec = TensorSpec(
+            name=need_type(item["name"], f"{name} name", str, "a string"),
+            dtype=need_type(item["dtype"], f"{name} dtype", str, "a string"),
+            shape=need_type(item["shape"], f"{name} shape", list, "a list"),
+        )
+        if not all(isinstance(d, str) or (is_int(d) and d >= 0) for d in spec.shape):
+            raise DtkError(f"{name} {spec.name!r} shape must hold sizes and names, got {spec.shape!r}")
+        specs.append(spec)
+    return specs
+
+
+def owned_files(bundle_dir: str | Path) -> set[str]:
+    """The names dtk writes in a bundle: the manifest, its files.* (with their .data and .json companions),
+    and the standard names. Read leniently, so a damaged manifest still names what it owned."""
+    names = {MANIFEST_NAME, ONNX_NAME, ONNX_NAME + ".data", PLAN_NAME, PLAN_NAME + SIDECAR_SUFFIX}
+    try:
+        data = json.loads((Path(bundle_dir) / MANIFEST_NAME).read_text(encoding="utf-8"))
+        listed = list(data["files"].values()) + [data.get("export", {}).get("onnx_data")]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return names
+    for name in listed:
+        if isinstance(name, str) and name and Path(name).name == name:
+            names |= {name, name + ".data", name + SIDECAR_SUFFIX}
+    return names
 
 
 def resolve_bundle(path: str | Path) -> tuple[Path, Manifest]:

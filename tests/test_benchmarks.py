@@ -121,3 +121,63 @@ def test_backends_markdown_names_the_machine_and_the_speedup():
     assert "## tiny (687,347 parameters, 3x16x16)" in text
     assert "| onnxruntime | 1 | fp32 | host | 4.000 | 10.000 | 12.000 | 100.0 | 100.0 | 2.50x |" in text
     assert "| tensorrt | skipped: x |" in text
+
+
+def test_serve_summary_goals_and_table():
+    serve = _script("serve")
+    row = serve.summarize([0.1, 0.2, 0.3, 0.4], elapsed_s=2.0, images=4)
+    assert row == {
+        "images": 4,
+        "seconds": 2.0,
+        "images_per_s": 2.0,
+        "latency_ms": {"p50": 250.0, "p99": 397.0},
+    }
+    lat = {"p50": 100.0, "p99": 120.0}
+    data = {
+        "machine": "cpu-test-2c",
+        "system": {
+            "cpu": {"model": "Test CPU", "usable_cores": 2, "cores": 2},
+            "platform": "Linux",
+            "python": "3.11",
+            "gpus": [],
+            "jetson": None,
+            "versions": {},
+        },
+        "load_before": [1.0, 1.0, 1.0],
+        "load_after": [2.0, 1.5, 1.0],
+        "shape": "1x16x16",
+        "server_version": "2.51.0",
+        "settings": {
+            "steps": 20,
+            "sampler": "ddim",
+            "max_batch": 16,
+            "duration": 8.0,
+            "threads": 0,
+            "queue_delay_us": 2000,
+        },
+        "in_process": {
+            "batch_1": {"images_per_s": 10.0, "latency_ms": lat},
+            "batched": {"images_per_s": 50.0, "latency_ms": {"p50": 320.0, "p99": 330.0}},
+        },
+        "server": [
+            {
+                "clients": 1,
+                "images_per_s": 9.5,
+                "latency_ms": {"p50": 105.0, "p99": 130.0},
+                "requests_per_run": 1.0,
+            },
+            {
+                "clients": 16,
+                "images_per_s": 45.0,
+                "latency_ms": {"p50": 350.0, "p99": 400.0},
+                "requests_per_run": 15.5,
+            },
+        ],
+    }
+    data["goals"] = serve.goals(data)
+    assert data["goals"] == {"throughput_16_clients_vs_batched": 0.9, "latency_1_client_vs_batch_1": 1.05}
+    table = serve.markdown(data)
+    assert "| server, 16 client(s) | 45.0 | 350.0 | 400.0 | 15.5 |" in table
+    assert "| in process, batch 16 | 50.0 | 320.0 | 330.0 | 16 |" in table
+    assert "**0.9** (goal ≥ 0.8)" in table and "before / after: [1.0, 1.0, 1.0] / [2.0, 1.5, 1.0]" in table
+    assert serve.goals({**data, "server": []})["throughput_16_clients_vs_batched"] is None

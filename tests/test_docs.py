@@ -222,3 +222,12 @@ def test_troubleshooting_covers_the_issue_topics():
         "jetson",
     ):
         assert topic in text, topic
+
+
+def test_serving_messages(tmp_path, monkeypatch):
+    from dtk.export import triton_server
+
+    monkeypatch.setattr(triton_server.shutil, "which", lambda name: None)
+    monkeypatch.setattr(triton_server.importlib.util, "find_spec", lambda name: None)
+    assert_documented(message_of(triton_server.find_tritonserver))
+    assert_documented(message_of(triton_server.TritonServer(tmp_path).start))

@@ -57,3 +57,32 @@ def test_unknown_command_fails_cleanly():
     assert run.returncode == 2
     assert "No such command" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def _extra(name: str) -> list[str]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][name]
+
+
+def _resolved(extra: str, release: str, machine: str) -> list[str]:
+    """The requirements of `extra` on a machine whose kernel is `release`."""
+    from packaging.requirements import Requirement
+
+    environment = {"platform_release": release, "platform_machine": machine, "sys_platform": "linux"}
+    out = []
+    for line in _extra(extra):
+        requirement = Requirement(line)
+        if requirement.marker is None or requirement.marker.evaluate(environment):
+            out.append(f"{requirement.name}{requirement.specifier}")
+    return sorted(out)
+
+
+def test_jetson_gets_cuda_python_12_and_no_tensorrt_from_pypi():
+    """JetPack 6: CUDA 12.6 and TensorRT 10.3 from JetPack. cuda-python 13 refuses its driver, and PyPI's
+    TensorRT 11 would shadow JetPack's."""
+    from packaging.specifiers import SpecifierSet
+
+    jetson = _resolved("tensorrt", "5.15.148-tegra", "aarch64")
+    assert jetson == ["cuda-python<13,>=12.6"] == _resolved("jetson", "5.15.148-tegra", "aarch64")
+    assert "13.0.0" not in SpecifierSet(jetson[0].removeprefix("cuda-python"))
+    assert _resolved("tensorrt", "6.8.0-45-generic", "x86_64") == ["cuda-python>=12", "tensorrt>=10"]
+    assert _resolved("tensorrt", "6.8.0-1015-nvidia-64k", "aarch64") == ["cuda-python>=12", "tensorrt>=10"]

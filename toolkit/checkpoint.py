@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from dtk.runtime.checks import check_config_fields, check_diffusion_fields, need_int
 from dtk.runtime.errors import DtkError, file_error
 from dtk.runtime.files import atomic_path
 from dtk.runtime.schedule import DiffusionConfig
@@ -42,6 +43,7 @@ class Checkpoint:
             raise DtkError(f"weights must be 'ema' or 'raw', got {weights!r}")
         state = self.ema_state if weights == "ema" and self.ema_state is not None else self.model_state
         model = UNet(self.model_config)
+        _check_weights(self.path or "checkpoint", state, model.state_dict())
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             where = self.path or "checkpoint"
@@ -123,10 +125,13 @@ def _from_dict(path: Path, data) -> Checkpoint:
             path, f"checkpoint version {version!r} is not supported by this dtk (it reads {VERSION})"
         )
     try:
-        model_config = UNetConfig.from_dict(dict(data["model_config"]))
-        diffusion = DiffusionConfig.from_dict(dict(data["diffusion"]))
+        model_fields, diffusion_fields = dict(data["model_config"]), dict(data["diffusion"])
+        check_config_fields(model_fields, UNetConfig)
+        check_diffusion_fields(diffusion_fields, DiffusionConfig)
+        model_config = UNetConfig.from_dict(model_fields)
+        diffusion = DiffusionConfig.from_dict(diffusion_fields)
         model_state, ema_state = data["model_state"], data.get("ema_state")
-        step = int(data["step"])
+        step = need_int(data["step"], "step", 0)
     except KeyError as e:
         raise file_error(path, f"damaged dtk checkpoint: missing {e}") from None
     except (TypeError, ValueError) as e:
@@ -135,6 +140,12 @@ def _from_dict(path: Path, data) -> Checkpoint:
         raise file_error(path, f"bad config in checkpoint: {e}") from None
     if not isinstance(model_state, dict) or not (ema_state is None or isinstance(ema_state, dict)):
         raise file_error(path, "damaged dtk checkpoint: weights are not a state dict")
+    import torch
+
+    for state in (model_state, ema_state or {}):
+        bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+        if bad is not None:
+            raise file_error(path, f"damaged dtk checkpoint: weight {bad} is not a tensor")
     return Checkpoint(
         model_config=model_config,
         diffusion=diffusion,
@@ -144,6 +155,27 @@ def _from_dict(path: Path, data) -> Checkpoint:
         train_state=data.get("train_state"),
         path=path,
     )
+
+
+def _check_weights(where, state: dict, expected: dict) -> None:
+    """Each weight the U-Net has is a floating tensor of its shape (load_state_dict would say so in a
+    multi-line RuntimeError, or copy ints silently)."""
+    import torch
+
+    for name, reference in expected.items():
+        value = state.get(name)
+        if value is None:
+            continue  # reported as missing by the caller
+        if not isinstance(value, torch.Tensor):
+            raise file_error(where, f"weight {name} is a {type(value).__name__}, not a tensor")
+        if tuple(value.shape) != tuple(reference.shape):
+            raise file_error(
+                where,
+                f"weight {name} has shape {list(value.shape)}, "
+                f"the U-Net config needs {list(reference.shape)}",
+            )
+        if value.dtype.is_floating_point != reference.dtype.is_floating_point:
+            raise file_error(where, f"weight {name} is {value.dtype}, the U-Net needs {reference.dtype}")
 
 
 def describe_checkpoint(ckpt: Checkpoint) -> dict:

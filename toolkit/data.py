@@ -2,8 +2,8 @@
 
 Built-ins need no download: `digits` (scikit-learn's bundled 8x8 handwritten digits, upsampled) and `shapes`
 (circles, squares and triangles drawn procedurally from a fixed seed). A folder is searched recursively
-for PNG/JPEG files; each image is resized (shorter side) and center-cropped to the image size, then scaled to
-[-1, 1].
+for PNG/JPEG files; each image is decoded to 8 bits (dtk.decode: 16-bit scaled, alpha over white), resized
+(shorter side) and center-cropped to the image size, then scaled to [-1, 1].
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dtk.decode import GRAY_MODES, decode
 from dtk.runtime.errors import DtkError, file_error
 
 BUILTINS = ("digits", "shapes")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
 @dataclass
@@ -131,7 +131,7 @@ def load_image_folder(root, image_size: int, channels: int | None = None, progre
         channels = 1
         for path in files:
             with _open(path, load=False) as image:
-                if image.mode not in _GRAY_MODES:
+                if image.mode not in GRAY_MODES:
                     channels = 3
                     break
 
@@ -148,7 +148,7 @@ def load_image_folder(root, image_size: int, channels: int | None = None, progre
                     "use a smaller --image-size or larger images",
                 )
             try:
-                pixels = _resize_center_crop(image.convert("L" if channels == 1 else "RGB"), image_size)
+                pixels = _resize_center_crop(decode(image, channels), image_size)
             except (OSError, ValueError, SyntaxError) as e:
                 raise file_error(path, f"cannot read image ({e})") from None
         out[i] = pixels.reshape(image_size, image_size, channels)

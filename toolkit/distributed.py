@@ -92,3 +92,14 @@ def check_in_sync(ctx: Context, model: torch.nn.Module, device: torch.device) ->
     for rank, other in enumerate(gathered):
         if not torch.equal(other, gathered[0]):
             raise DtkError(f"distributed training diverged: rank {rank}'s weights differ from rank 0's")
+
+
+def any_rank(ctx: Context, flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any (a collective under torchrun): ranks stop together."""
+    if not ctx.distributed:
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

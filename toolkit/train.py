@@ -8,9 +8,8 @@ stopped: on CPU a resumed run ends with the same weights as an uninterrupted one
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,117 +19,14 @@ from dtk.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from dtk.data import BatchStream, ImageSet, load_dataset, mix_seed
 from dtk.diffusion import NoiseSchedule, diffusion_loss
 from dtk.ema import EMA
+from dtk.runs import CHECKPOINT_NAME, keep_checkpoint, prepare_run_folder
 from dtk.runtime.errors import DtkError, file_error
-from dtk.runtime.schedule import BETA_SCHEDULES, PREDICTION_TYPES, DiffusionConfig
-from dtk.unet import PRESETS, UNet, UNetConfig, count_parameters
+from dtk.stop import StopOnSignal
+from dtk.train_config import PRECISIONS, TrainConfig, given_fields, learning_rate, resumed_config
+from dtk.train_log import TrainingLog
+from dtk.unet import PRESETS, UNet, count_parameters
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-CHECKPOINT_NAME = "model.pt"
-
-
-@dataclass
-class TrainConfig:
-    """Everything `dtk train` takes; each field is the CLI flag of the same name (underscores as dashes).
-
-    Model fields left as None take the preset's value; `image_size` None is the preset's, `channels` None the
-    data's."""
-
-    out: str = "runs/train"
-    dataset: str = "digits"
-    preset: str = "tiny"
-    image_size: int | None = None
-    channels: int | None = None
-    hflip: bool = False
-    # U-Net overrides
-    base_channels: int | None = None
-    channel_mults: tuple | None = None
-    num_res_blocks: int | None = None
-    attention_resolutions: tuple | None = None
-    dropout: float | None = None
-    num_heads: int | None = None
-    num_groups: int | None = None
-    # diffusion
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "linear"
-    prediction_type: str = "epsilon"
-    clip_sample: bool = True
-    min_snr_gamma: float | None = None
-    # optimisation
-    steps: int = 1500
-    batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 2e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    precision: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    # outputs
-    sample_every: int = 500
-    sample_num: int = 64
-    sample_steps: int = 50
-    sampler: str = "ddim"
-    save_every: int = 500
-    resume: bool = False
-    progress: bool = True
-
-    def validate(self) -> None:
-        if self.preset not in PRESETS:
-            raise DtkError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        for name in ("steps", "batch_size", "grad_accum", "sample_num", "sample_steps"):
-            if getattr(self, name) < 1:
-                raise DtkError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "sample_every", "save_every", "grad_clip", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise DtkError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise DtkError(f"lr must be positive, got {self.lr}")
-        if self.precision not in PRECISIONS:
-            raise DtkError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
-        if self.beta_schedule not in BETA_SCHEDULES + ("squaredcos_cap_v2",):
-            raise DtkError(
-                f"unknown beta schedule {self.beta_schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}"
-            )
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise DtkError(
-                f"unknown prediction type {self.prediction_type!r}; choose {', '.join(PREDICTION_TYPES)}"
-            )
-
-    def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
-
-    def model_config(self, channels: int) -> UNetConfig:
-        return UNetConfig.preset(
-            self.preset,
-            image_size=self.image_size,
-            in_channels=channels,
-            out_channels=channels,
-            base_channels=self.base_channels,
-            channel_mults=self.channel_mults,
-            num_res_blocks=self.num_res_blocks,
-            attention_resolutions=self.attention_resolutions,
-            dropout=self.dropout,
-            num_heads=self.num_heads,
-            num_groups=self.num_groups,
-        )
-
-    def diffusion_config(self) -> DiffusionConfig:
-        return DiffusionConfig(
-            num_train_timesteps=self.num_train_timesteps,
-            beta_schedule=self.beta_schedule,
-            prediction_type=self.prediction_type,
-            clip_sample=self.clip_sample,
-        )
-
-
-def learning_rate(config: TrainConfig, step: int) -> float:
-    """Linear warm-up over `warmup_steps`, then constant (Ho et al. 2020)."""
-    if config.warmup_steps == 0:
-        return config.lr
-    return config.lr * min(1.0, (step + 1) / config.warmup_steps)
+__all__ = ["PRECISIONS", "TrainConfig", "Trainer", "autocast_dtype", "learning_rate", "train"]
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -148,14 +44,23 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 class Trainer:
-    """One run: the model, its optimizer and EMA, the data stream; `run()` trains to `config.steps`."""
+    """One run: the model, its optimizer and EMA, the data stream; `run()` trains to `config.steps`.
 
-    def __init__(self, config: TrainConfig, ctx: distributed.Context, device: torch.device):
+    `resume_from` is the run's checkpoint when resuming (already read by `train`, which restored the run's
+    settings from it)."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        ctx: distributed.Context,
+        device: torch.device,
+        resume_from: Checkpoint | None = None,
+    ):
         config.validate()
         self.config = config
         self.out = Path(config.out)
         self.ctx, self.device = ctx, device
-        self.log = print if self.ctx.is_main else (lambda *a, **k: None)
+        self.log = _say if self.ctx.is_main else (lambda *a, **k: None)
 
         image_size = config.image_size or PRESETS[config.preset]["image_size"]
         config.model_config(config.channels or 3)  # fail on a bad model config before loading any data
@@ -163,6 +68,7 @@ class Trainer:
             config.dataset, image_size, config.channels, progress=self.ctx.is_main
         )
         self.model_config = config.model_config(self.data.channels)
+        self._warn_attention()
         self.diffusion = config.diffusion_config()
         self.schedule = NoiseSchedule(self.diffusion, self.device)
 
@@ -176,7 +82,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.step = 0
         if config.resume:
-            self._resume()
+            self._resume(resume_from if resume_from is not None else load_checkpoint(self.checkpoint_path))
         self.model = self.raw_model
         if self.ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -191,9 +97,18 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.out / CHECKPOINT_NAME
 
-    def _resume(self) -> None:
-        path = self.checkpoint_path
-        ckpt = load_checkpoint(path)
+    def _warn_attention(self) -> None:
+        config = self.model_config
+        wanted = set(config.attention_resolutions)
+        if wanted and not wanted & set(config.resolutions):
+            self.log(
+                f"warning: attention resolutions {','.join(map(str, sorted(wanted)))} match no level of "
+                f"this U-Net at {config.image_size} px (levels {','.join(map(str, config.resolutions))}): "
+                "only the middle block has self-attention; pass --attention-resolutions to choose levels"
+            )
+
+    def _resume(self, ckpt: Checkpoint) -> None:
+        path = ckpt.path or self.checkpoint_path
         if ckpt.train_state is None:
             raise file_error(path, "has no training state to resume from (it was saved for inference only)")
         for what, theirs, ours in (
@@ -206,13 +121,23 @@ class Trainer:
                 raise file_error(path, f"cannot resume: the {what} differs ({diff})")
         if ckpt.step >= self.config.steps:
             raise file_error(path, f"already trained for {ckpt.step} steps; pass --steps above {ckpt.step}")
-        state = ckpt.train_state
-        self.raw_model.load_state_dict(ckpt.model_state)
-        self.ema.load_state_dict(ckpt.ema_state, int(state["ema_updates"]))
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state.get("grad_scaler"):
-            self.scaler.load_state_dict(state["grad_scaler"])
+        state = check_train_state(path, ckpt, self.raw_model, self.ema)
+        try:
+            self.raw_model.load_state_dict(ckpt.model_state)
+            self.ema.load_state_dict(ckpt.ema_state, int(state["ema_updates"]))
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler is not None and state.get("grad_scaler"):
+                self.scaler.load_state_dict(state["grad_scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise file_error(path, f"damaged training state: {_first_line(e)}") from None
         self.step = ckpt.step
+        planned = state["config"].get("steps")
+        if self.config.lr_schedule == "cosine" and planned != self.config.steps:
+            self.log(
+                f"note: the cosine learning-rate schedule was planned to end at step {planned} and now "
+                f"ends at step {self.config.steps}; from step {self.step} on it follows the new length (so "
+                f"this run is not the same as an uninterrupted {self.config.steps}-step one)"
+            )
         if int(state.get("world_size", 1)) != self.ctx.world_size:
             self.log(f"note: resuming with {self.ctx.world_size} processes instead of {state['world_size']}")
         self.log(f"resuming {path} at step {self.step}")
@@ -308,8 +233,6 @@ class Trainer:
         return save_grid(to_uint8(images), self.out / f"samples_{self.step:06d}.png")
 
     def run(self) -> Path:
-        from tqdm import tqdm
-
         config = self.config
         size = self.model_config.image_size
         shape = f"{self.model_config.in_channels}x{size}x{size}"
@@ -319,35 +242,41 @@ class Trainer:
             f"on {self.device}, precision {self.amp_dtype or torch.float32}"
         )
         self.raw_model.train()
-        bar = tqdm(
-            total=config.steps,
-            initial=self.step,
-            unit="step",
-            disable=not (config.progress and self.ctx.is_main),
-            dynamic_ncols=True,
+        images_per_step = config.batch_size * config.grad_accum * self.ctx.world_size
+        mode = TrainingLog.mode_for(config.progress, self.ctx.is_main)
+        log = TrainingLog(
+            self.out, self.step, config.steps, config.log_every, images_per_step, mode, self.log
         )
-        started, smoothed = time.perf_counter(), None
-        first = self.step
+        started, first = time.perf_counter(), self.step
         try:
-            while self.step < config.steps:
-                loss = self.train_step()
-                if loss != loss:  # NaN
-                    raise DtkError(f"loss became NaN at step {self.step}; lower --lr or use --precision fp32")
-                smoothed = loss if smoothed is None else 0.98 * smoothed + 0.02 * loss
-                bar.set_postfix(
-                    loss=f"{smoothed:.4f}", lr=f"{learning_rate(config, self.step - 1):.1e}", refresh=False
-                )
-                bar.update(1)
-                done = self.step == config.steps
-                if config.save_every and self.step % config.save_every == 0 and not done:
-                    self.save()
-                if config.sample_every and (self.step % config.sample_every == 0 or done):
-                    grid = self.sample_grid()
-                    if grid is not None:
-                        bar.write(f"step {self.step}: loss {smoothed:.4f}, samples in {grid}")
-            self.save()
+            with StopOnSignal() as stop:
+                while self.step < config.steps:
+                    lr = learning_rate(config, self.step)
+                    loss = self.train_step()
+                    if not math.isfinite(loss):
+                        raise DtkError(
+                            f"loss became {loss} at step {self.step}; lower --lr or use --precision fp32"
+                        )
+                    log.step(self.step, loss, lr)
+                    done = self.step == config.steps
+                    if config.save_every and self.step % config.save_every == 0 and not done:
+                        self._save(log)
+                    if config.sample_every and (self.step % config.sample_every == 0 or done):
+                        grid = self.sample_grid()
+                        if grid is not None:
+                            log.say(f"step {self.step}: samples in {grid}")
+                    if distributed.any_rank(self.ctx, stop.requested is not None, self.device) and not done:
+                        self._save(log)
+                        log.close()
+                        self.log(
+                            f"{stop.requested or 'stopped'}: saved {self.checkpoint_path} at step "
+                            f"{self.step} of {config.steps}; continue with: "
+                            f"dtk train --out {self.out} --resume"
+                        )
+                        raise KeyboardInterrupt
+                self._save(log, announce=False)  # the line below says it
         finally:
-            bar.close()
+            log.close()
         elapsed = time.perf_counter() - started
         self.log(
             f"wrote {self.checkpoint_path} at step {self.step} ({(self.step - first) / elapsed:.1f} steps/s)"
@@ -356,12 +285,97 @@ class Trainer:
             self.log(f"{self.ctx.world_size} ranks in sync")
         return self.checkpoint_path
 
+    def _save(self, log: TrainingLog, announce: bool = True) -> None:
+        self.save()
+        if self.ctx.is_main:
+            keep_checkpoint(self.out, self.step, self.config.keep)
+            log.saved(self.step, self.checkpoint_path, announce)
 
-def train(config: TrainConfig) -> Path:
-    """Train (or resume) per `config` and return the path of the written checkpoint."""
+
+def check_train_state(path: Path, ckpt: Checkpoint, model: torch.nn.Module, ema: EMA) -> dict:
+    """The checkpoint's training state, checked against the model before any of it is loaded."""
+
+    def damaged(what: str) -> DtkError:
+        return file_error(
+            path, f"damaged training state: {what}; it cannot be resumed (--overwrite starts over)"
+        )
+
+    state = ckpt.train_state
+    if not isinstance(state, dict):
+        raise damaged(f"expected a dict, found {type(state).__name__}")
+    updates = state.get("ema_updates")
+    if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
+        raise damaged(f"ema_updates is {updates!r}, not a count")
+    if ckpt.ema_state is None:
+        raise damaged("it has no EMA weights")
+    for what, weights in (("weights", ckpt.model_state), ("EMA weights", ckpt.ema_state)):
+        for name, ref in model.state_dict().items():
+            if name not in ema.shadow and what == "EMA weights":
+                continue
+            tensor = weights.get(name)
+            if not torch.is_tensor(tensor) or tensor.shape != ref.shape:
+                found = tuple(tensor.shape) if torch.is_tensor(tensor) else type(tensor).__name__
+                raise damaged(f"{what} {name} is {found}, the model needs {tuple(ref.shape)}")
+    optimizer = state.get("optimizer")
+    if not (
+        isinstance(optimizer, dict)
+        and isinstance(optimizer.get("state"), dict)
+        and isinstance(optimizer.get("param_groups"), list)
+    ):
+        raise damaged("the optimizer state is not an AdamW state dict")
+    params = list(model.parameters())
+    for index, entry in optimizer["state"].items():
+        if not (isinstance(index, int) and 0 <= index < len(params) and isinstance(entry, dict)):
+            raise damaged(f"the optimizer state names parameter {index!r} of {len(params)}")
+        for key in ("exp_avg", "exp_avg_sq"):
+            tensor = entry.get(key)
+            if not torch.is_tensor(tensor) or tensor.shape != params[index].shape:
+                raise damaged(f"the optimizer's {key} of parameter {index} does not fit it")
+            if not torch.isfinite(tensor).all():
+                raise damaged(f"the optimizer's {key} of parameter {index} holds NaN or infinity")
+    return state
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)  # lines reach a pipe or a log file as they happen
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def train(config: TrainConfig, given: set[str] | None = None) -> Path:
+    """Train (or resume) per `config` and return the path of the written checkpoint.
+
+    On resume the run's own settings are restored from its model.pt; `given` names the fields the caller set
+    (the CLI passes the flags on its command line; None: the fields that differ from the defaults), and those
+    must agree with the run's unless they may change (`CHANGEABLE_ON_RESUME`)."""
     config.validate()
+    prepare_run_folder(config.out, config.resume, config.overwrite)
+    ckpt = None
+    if config.resume:
+        ckpt = load_checkpoint(Path(config.out) / CHECKPOINT_NAME)
+        if ckpt.train_state is None:
+            raise file_error(
+                ckpt.path, "has no training state to resume from (it was saved for inference only)"
+            )
+        if not isinstance(ckpt.train_state, dict):
+            found = type(ckpt.train_state).__name__
+            raise file_error(ckpt.path, f"damaged training state: expected a dict, found {found}")
+        stored = ckpt.train_state.get("config")
+        if not isinstance(stored, dict):
+            raise file_error(ckpt.path, "damaged training state: the run's settings are missing")
+        config = resumed_config(
+            config, stored, given_fields(config) if given is None else set(given), ckpt.path
+        )
+        try:
+            config.validate()
+        except DtkError as e:
+            raise file_error(
+                ckpt.path, f"damaged training state: the run's settings are invalid ({e})"
+            ) from None
     ctx, device = distributed.setup(config.device)
     try:
-        return Trainer(config, ctx, device).run()
+        return Trainer(config, ctx, device, ckpt).run()
     finally:
         distributed.teardown(ctx)

@@ -22,9 +22,12 @@ CUDA_PYTHON_HINT = (
     "install it with `pip install dtk[tensorrt]` (or `pip install cuda-python` matching your CUDA)"
 )
 NVRTC_HINT = (
-    'NVRTC (libnvrtc) is missing: `pip install "cuda-python[all]"` or `pip install nvidia-cuda-nvrtc-cu12` '
-    "(match your CUDA major), or install the CUDA toolkit; JetPack ships it on Jetson"
+    "NVRTC (libnvrtc) is missing: with cuda-python 13 `pip install nvidia-cuda-nvrtc` (13.x), with 12.8 or "
+    "later 12.x `pip install nvidia-cuda-nvrtc-cu12` (cuda-bindings finds these wheels from 12.8 on), or "
+    "install the CUDA toolkit; JetPack ships libnvrtc on Jetson (/usr/local/cuda/lib64)"
 )
+# cuModuleLoadData's answers when the driver cannot run what NVRTC made (an NVRTC newer than the driver)
+MODULE_TOO_NEW = ("CUDA_ERROR_UNSUPPORTED_PTX_VERSION", "CUDA_ERROR_NO_BINARY_FOR_GPU")
 ALLOCATORS = ("cuda-python", "pycuda")
 
 UPDATE_KERNEL_NAME = "dtk_sampler_update"
@@ -80,15 +83,23 @@ extern "C" __global__ void dtk_sampler_update(
 
 
 class CudaError(DtkError):
-    """A CUDA, driver or NVRTC call failed; the message names the call and the error."""
+    """A CUDA, driver or NVRTC call failed; the message names the call and the error, `code` its enum name."""
+
+    def __init__(self, message: str, code: str = ""):
+        super().__init__(message)
+        self.code = code
 
 
 class CudaLibraryMissing(CudaError):
     """cuda-python could not load a library it wraps (libcuda without a driver, libnvrtc without NVRTC)."""
 
 
-class NvrtcUnavailable(DtkError):
-    """The update kernel cannot be compiled here (no NVRTC); callers may fall back to the host update."""
+class UpdateKernelUnavailable(DtkError):
+    """The update kernel cannot run here; callers fall back to the host update (with a warning saying why)."""
+
+
+class NvrtcUnavailable(UpdateKernelUnavailable):
+    """The update kernel cannot be compiled here (no NVRTC)."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +147,7 @@ class Cuda:
             raise CudaLibraryMissing(f"{name}: {e}") from None
         error, *values = result if isinstance(result, tuple) else (result,)
         if int(error) != 0:
-            raise CudaError(f"{name} failed: {self.describe(error)}")
+            raise CudaError(f"{name} failed: {self.describe(error)}", getattr(error, "name", str(error)))
         if not values:
             return None
         return values[0] if len(values) == 1 else tuple(values)
@@ -169,6 +180,8 @@ class GpuInfo:
     name: str
     compute_capability: tuple[int, int]
     total_memory: int
+    sm_count: int | None = None  # multiprocessors: Orin modules share a name, not a count
+    integrated: bool | None = None  # shares memory with the CPU (Jetson)
 
     @property
     def sm(self) -> str:
@@ -181,15 +194,61 @@ def gpu_info(device: int = 0, cuda: Cuda | None = None) -> GpuInfo:
     try:
         count = cuda.rt("cudaGetDeviceCount")
     except CudaError as e:
+        detail = f"; {driver_mismatch(cuda)}" if e.code == "cudaErrorInsufficientDriver" else ""
         raise DtkError(
-            f"no CUDA GPU is usable here ({e}); TensorRT needs an NVIDIA GPU and its driver"
+            f"no CUDA GPU is usable here ({e}{detail}); TensorRT needs an NVIDIA GPU and its driver"
         ) from None
     if not count:
         raise DtkError("no CUDA GPU is visible (cudaGetDeviceCount returned 0); check CUDA_VISIBLE_DEVICES")
     if not 0 <= device < count:
         raise DtkError(f"GPU {device} does not exist; this machine has {count} (0..{count - 1})")
     prop = cuda.rt("cudaGetDeviceProperties", device)
-    return GpuInfo(device, _text(prop.name), (int(prop.major), int(prop.minor)), int(prop.totalGlobalMem))
+    return GpuInfo(
+        device,
+        _text(prop.name),
+        (int(prop.major), int(prop.minor)),
+        int(prop.totalGlobalMem),
+        int(prop.multiProcessorCount),
+        bool(prop.integrated),
+    )
+
+
+def driver_mismatch(cuda: Cuda) -> str:
+    """'the driver supports CUDA 12.6, these cuda-python bindings are 13.0.2 (CUDA 13.0)' and what to do."""
+    try:
+        driver = _cuda_version(cuda.rt("cudaDriverGetVersion"))
+    except DtkError:
+        driver = "unknown"
+    try:
+        runtime = _cuda_version(cuda.rt("cudaRuntimeGetVersion"))
+    except DtkError:
+        runtime = "unknown"
+    bindings = f"these cuda-python bindings are {_bindings_version(cuda)} (CUDA {runtime})"
+    if driver == "unknown":
+        return f"{bindings}; update the driver or install bindings of its CUDA major"
+    major = int(driver.split(".")[0])
+    return (
+        f"the NVIDIA driver supports CUDA {driver}, {bindings}: install bindings of the driver's CUDA "
+        f"major (`pip install 'cuda-python>={driver},<{major + 1}'`; on Jetson with JetPack 6 "
+        "`pip install 'dtk[jetson]'`), or update the driver"
+    )
+
+
+def _cuda_version(value) -> str:
+    """12060 → '12.6'; 0 (no driver) → 'unknown'."""
+    value = int(value)
+    return f"{value // 1000}.{value % 1000 // 10}" if value else "unknown"
+
+
+def _bindings_version(cuda: Cuda) -> str:
+    import importlib.metadata
+
+    for dist in ("cuda-bindings", "cuda-python"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return getattr(cuda.runtime, "__version__", "unknown")
 
 
 @dataclass
@@ -362,8 +421,9 @@ class CudaSession:
         self.cuda.rt("cudaStreamSynchronize", self.stream)
 
     def load_function(self, image: bytes, name: str):
-        """Load a cubin or PTX image into the current context and return its kernel `name`."""
+        """Load a cubin or PTX image into this GPU's context and return its kernel `name`."""
         self.cuda.drv("cuInit", 0)
+        self.activate()  # the module belongs to the current context
         module = self.cuda.drv("cuModuleLoadData", image)
         self._modules.append(module)
         return self.cuda.drv("cuModuleGetFunction", module, name.encode())
@@ -404,6 +464,7 @@ class CudaSession:
             except Exception as e:  # keep releasing the rest
                 failures.append(e)
 
+        attempt(self.activate)  # modules unload from, and memory is freed in, the current context
         if self.stream is not None:
             attempt(self.synchronize)
         for graph in list(self._graphs):
@@ -463,8 +524,9 @@ def compile_update_kernel(cuda: Cuda, compute_capability: tuple[int, int]) -> by
         size_fn, get_fn = (
             ("nvrtcGetCUBINSize", "nvrtcGetCUBIN") if cubin else ("nvrtcGetPTXSize", "nvrtcGetPTX")
         )
-        image = b" " * int(cuda.rtc(size_fn, program))
-        cuda.rtc(get_fn, program, image)
+        buffer = bytearray(int(cuda.rtc(size_fn, program)))  # cuda-python writes into it: never `bytes`
+        cuda.rtc(get_fn, program, buffer)
+        image = bytes(buffer)
     finally:
         cuda.rtc("nvrtcDestroyProgram", program)
     _COMPILED[compute_capability] = image
@@ -473,9 +535,9 @@ def compile_update_kernel(cuda: Cuda, compute_capability: tuple[int, int]) -> by
 
 def _program_log(cuda: Cuda, program) -> str:
     try:
-        log = b" " * int(cuda.rtc("nvrtcGetProgramLogSize", program))
+        log = bytearray(int(cuda.rtc("nvrtcGetProgramLogSize", program)))
         cuda.rtc("nvrtcGetProgramLog", program, log)
-        return _text(log)
+        return _text(bytes(log))
     except DtkError:
         return "(no compiler log)"
 
@@ -486,7 +548,15 @@ class UpdateKernel:
     def __init__(self, session: CudaSession):
         self._session = session
         image = compile_update_kernel(session.cuda, session.gpu.compute_capability)
-        self._function = session.load_function(image, UPDATE_KERNEL_NAME)
+        try:
+            self._function = session.load_function(image, UPDATE_KERNEL_NAME)
+        except CudaError as e:
+            if e.code not in MODULE_TOO_NEW:
+                raise
+            raise UpdateKernelUnavailable(
+                f"the driver cannot load the update kernel NVRTC compiled ({e}): NVRTC is newer than the "
+                "driver; install the NVRTC of the driver's CUDA major or update the driver"
+            ) from None
 
     def launch(
         self,

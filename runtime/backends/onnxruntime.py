@@ -245,7 +245,7 @@ class OnnxRuntimeDenoiser(DenoiserBase):
     def _update(self):
         """The session running the sampler update on this denoiser's device (CUDA EP for TensorRT EP too)."""
         if self._update_session is None:
-            providers = [p for p in self.providers if p[0] != PROVIDER_NAMES["tensorrt"]]
+            providers = update_providers(self.providers, self._ort.get_available_providers(), self.device_id)
             options = self._ort.SessionOptions()
             options.intra_op_num_threads = self.threads
             options.log_severity_level = 3
@@ -295,6 +295,18 @@ def _provider_list(ort, providers, device_id: int, manifest: Manifest | None, pa
             defaults.update(tensorrt_ep_options(manifest, path))
         resolved.append((full, {**defaults, **options}))
     return resolved
+
+
+def update_providers(providers: list, available: list[str], device_id: int) -> list:
+    """The sampler-update session's providers: the denoiser's without the TensorRT EP (an engine for a few
+    elementwise ops is not worth building), with the CUDA EP in its place when this build has it, so that the
+    update runs where the network's output already is instead of copying to the CPU and back every step."""
+    tensorrt, cuda = PROVIDER_NAMES["tensorrt"], PROVIDER_NAMES["cuda"]
+    kept = [p for p in providers if p[0] != tensorrt]
+    names = [p[0] for p in providers]
+    if tensorrt in names and cuda not in names and cuda in available:
+        kept.insert(names.index(tensorrt), (cuda, {"device_id": device_id}))
+    return kept
 
 
 def tensorrt_ep_options(manifest: Manifest | None, path: Path) -> dict:

@@ -24,13 +24,13 @@ from dtk.runtime.backends.cuda import (
     COEFF_SLOTS,
     Cuda,
     CudaSession,
-    NvrtcUnavailable,
     UpdateKernel,
+    UpdateKernelUnavailable,
     gpu_info,
 )
 from dtk.runtime.errors import DtkError, file_error
 from dtk.runtime.manifest import Manifest
-from dtk.runtime.sidecar import Target, check_plan_bytes, check_sidecar, load_sidecar, rebuild_hint
+from dtk.runtime.sidecar import check_plan_bytes, check_sidecar, load_sidecar, rebuild_hint, target_for
 
 TENSORRT_HINT = (
     "install it with `pip install dtk[tensorrt]` (NVIDIA's tensorrt wheels for x86-64 and ARM servers), "
@@ -57,7 +57,9 @@ def tensorrt_major(trt) -> int:
 
 
 def make_logger(trt, verbose: bool = False):
-    """A TensorRT logger: warnings and errors (all when verbose) to stderr; errors kept for messages."""
+    """A TensorRT logger: warnings and errors (all when verbose) to stderr; errors kept for messages.
+
+    `clear()` before a call and `reason()` after it give that call's errors only, as one line."""
 
     class DtkLogger(trt.ILogger):
         def __init__(self):
@@ -67,11 +69,30 @@ def make_logger(trt, verbose: bool = False):
         def log(self, severity, msg):
             level = int(severity)
             if level <= int(trt.ILogger.Severity.ERROR):
-                self.errors.append(str(msg))
+                self.errors.append(" ".join(str(msg).split()))
             if verbose or level <= int(trt.ILogger.Severity.WARNING):
                 _echo(f"[TensorRT] {msg}")
 
+        def clear(self) -> None:
+            self.errors.clear()
+
+        def reason(self, default: str = "no reason given") -> str:
+            return "; ".join(self.errors) or default
+
     return DtkLogger()
+
+
+def create(factory, logger, what: str, *args):
+    """`trt.Builder(logger)`, `trt.Runtime(logger)`, `trt.OnnxParser(network, logger)`: these never return
+    None; on failure pybind11 raises TypeError ("factory function returned nullptr") after TensorRT logged
+    why (e.g. "CUDA initialization failure with error 35"). That reason becomes one DtkError line."""
+    logger.clear()
+    try:
+        return factory(*args)
+    except TypeError as e:
+        raise DtkError(
+            f"TensorRT could not create {what}: {logger.reason(' '.join(str(e).split()))}"
+        ) from None
 
 
 def _echo(line: str) -> None:
@@ -111,7 +132,7 @@ class TensorRTDenoiser(DenoiserBase):
         trt = import_tensorrt()
         cuda = Cuda()
         gpu = gpu_info(device, cuda)
-        check_sidecar(self.sidecar, Target(trt.__version__, gpu.name, gpu.compute_capability), self.plan_path)
+        check_sidecar(self.sidecar, target_for(trt.__version__, gpu), self.plan_path)
         data = self.plan_path.read_bytes()
         check_plan_bytes(self.sidecar, data, self.plan_path)
         self._session = CudaSession(device, allocator, cuda=cuda, gpu=gpu)
@@ -125,16 +146,16 @@ class TensorRTDenoiser(DenoiserBase):
     # -- setup -----------------------------------------------------------------------------------------------
 
     def _open_engine(self, trt, data: bytes, verbose: bool) -> None:
-        self._logger = make_logger(trt, verbose)
-        self._runtime = trt.Runtime(self._logger)
+        self._logger = logger = make_logger(trt, verbose)
+        self._runtime = create(trt.Runtime, logger, f"a runtime for {self.plan_path}", logger)
         if self.sidecar.version_compat:  # the plan carries its own lean runtime; we built it, so we trust it
             self._runtime.engine_host_code_allowed = True
+        logger.clear()
         self._engine = self._runtime.deserialize_cuda_engine(data)
         if self._engine is None:
-            reason = "; ".join(self._logger.errors) or "no reason given"
             raise file_error(
                 self.plan_path,
-                f"TensorRT could not load this plan ({reason}); {rebuild_hint(self.plan_path)}",
+                f"TensorRT could not load this plan ({logger.reason()}); {rebuild_hint(self.plan_path)}",
             )
         self._context = self._engine.create_execution_context()
         if self._context is None:
@@ -208,18 +229,18 @@ class TensorRTDenoiser(DenoiserBase):
         if not low <= batch <= high:
             raise DtkError(f"batch {batch} is outside this plan's batch range {low}..{high}")
         C, Co, (H, W) = self.manifest.in_channels, self.manifest.out_channels, self.manifest.image_size
+        self._drop_graphs()  # graphs hold the old shapes
+        self._batch = None  # until both shapes are set: a half-set context must not pass for the old batch
+        self._logger.clear()
         ok = self._context.set_input_shape(self._sample, (batch, C, H, W))
         ok = self._context.set_input_shape(self._timestep, (batch,)) and ok
         if not ok:
-            raise DtkError(
-                f"{self.plan_path}: TensorRT refused batch {batch}: {'; '.join(self._logger.errors)}"
-            )
+            raise DtkError(f"{self.plan_path}: TensorRT refused batch {batch}: {self._logger.reason()}")
         out_shape = tuple(int(d) for d in self._context.get_tensor_shape(self._output))
         if out_shape != (batch, Co, H, W):
             raise file_error(
                 self.plan_path, f"outputs {out_shape} for batch {batch}, expected {(batch, Co, H, W)}"
             )
-        self._drop_graphs()  # graphs hold the old shapes
         self._batch = batch
 
     def _drop_graphs(self) -> None:
@@ -268,9 +289,9 @@ class TensorRTDenoiser(DenoiserBase):
         return self._host[name].array(self._dtype[name], count).reshape(shape).astype(np.float32)
 
     def _execute(self) -> None:
+        self._logger.clear()
         if not self._context.execute_async_v3(self._session.stream_handle):
-            reason = "; ".join(self._logger.errors[-3:]) or "no reason given"
-            raise DtkError(f"{self.plan_path}: TensorRT failed to run the plan ({reason})")
+            raise DtkError(f"{self.plan_path}: TensorRT failed to run the plan ({self._logger.reason()})")
 
     # -- sampling on the device ------------------------------------------------------------------------------
 
@@ -291,7 +312,7 @@ class TensorRTDenoiser(DenoiserBase):
         session.activate()
         try:
             kernel = self._chain_buffers()
-        except NvrtcUnavailable as e:
+        except UpdateKernelUnavailable as e:
             warnings.warn(
                 f"{e}; applying the sampler update on the host instead", RuntimeWarning, stacklevel=2
             )
@@ -339,6 +360,9 @@ class TensorRTDenoiser(DenoiserBase):
         if with_noise:
             session.upload(self._noise_device, self._noise_host, 4 * count)
         self._execute()
+        self._launch_update(kernel, count)
+
+    def _launch_update(self, kernel: UpdateKernel, count: int) -> None:
         kernel.launch(
             x=self._device[self._sample],
             x0_prev=self._x0_prev,
@@ -351,6 +375,9 @@ class TensorRTDenoiser(DenoiserBase):
     def _step_graph(self, kernel: UpdateKernel, batch: int):
         if "step" not in self._graphs:
             self._warm_up()
+            # the kernel's first launch loads it, which a capture allows only on drivers from CUDA 12.3:
+            # launch it once outside the capture, over no elements
+            self._launch_update(kernel, 0)
             self._graphs["step"] = self._session.capture(
                 lambda: self._enqueue_step(kernel, batch, with_noise=True)
             )
@@ -402,11 +429,14 @@ class TensorRTDenoiser(DenoiserBase):
         if self._closed:
             return
         self._closed = True
+        session = self._session
         try:
-            if self._session is not None and not self._session.closed:
+            if session is not None and not session.closed:
+                session.activate()  # this GPU current on this thread, then nothing left in flight
+                session.synchronize()
                 self._drop_graphs()
         finally:
             self._context = self._engine = self._runtime = None  # context before engine before runtime
             self._kernel = None
-            if self._session is not None:
-                self._session.close()
+            if session is not None:
+                session.close()

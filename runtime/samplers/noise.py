@@ -22,9 +22,19 @@ class NoiseSource:
             raise ValueError(f"seed and first_index must be non-negative, got {seed}, {first_index}")
         self.seed = int(seed)
         self.first_index = int(first_index)
+        self._keys: list[tuple[int, int]] | None = None  # (seed, index) per image, when given explicitly
         self._generators: list[np.random.Generator] = []
         self._block: np.ndarray | None = None  # [num, K, C, H, W] drawn ahead
         self._next = 0
+
+    @classmethod
+    def per_image(cls, seeds) -> NoiseSource:
+        """Image k draws from PCG64([seeds[k], 0]): the numbers `NoiseSource(seeds[k])` gives its image 0."""
+        source = cls(0)
+        source._keys = [(int(s), 0) for s in seeds]
+        if any(s < 0 for s, _ in source._keys):
+            raise ValueError(f"seeds must be non-negative, got {list(seeds)}")
+        return source
 
     def initial(self, num: int, shape_chw) -> np.ndarray:
         """float32 [num, C, H, W]: the starting latents of images first_index .. first_index + num − 1."""
@@ -32,9 +42,10 @@ class NoiseSource:
             raise ValueError(f"num must be at least 1, got {num}")
         if self._generators:
             raise RuntimeError("NoiseSource.initial() was already called; use a new NoiseSource per batch")
-        self._generators = [
-            np.random.Generator(np.random.PCG64([self.seed, self.first_index + k])) for k in range(num)
-        ]
+        keys = self._keys or [(self.seed, self.first_index + k) for k in range(num)]
+        if len(keys) != num:
+            raise ValueError(f"NoiseSource.initial({num}) for {len(keys)} per-image seeds")
+        self._generators = [np.random.Generator(np.random.PCG64(list(key))) for key in keys]
         return self._draw(shape_chw)
 
     def step(self, num: int, shape_chw) -> np.ndarray:

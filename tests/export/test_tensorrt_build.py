@@ -72,12 +72,12 @@ def test_tensorrt10_takes_fp16_as_a_builder_flag_with_the_batch_profile(tmp_path
     bundle = _bundle(tmp_path, batch=(1, 2, 4), channels=3, size=8)
     plan = _build(bundle, precision="fp16", workspace=256, opt_level=5)
 
-    (build,) = trt10.builds
+    (build,) = trt10._builds
     config = build["config"]
     assert build["network_flags"] == 0  # weakly typed
-    assert trt10.BuilderFlag.FP16 in config.flags
-    assert trt10.BuilderFlag.TF32 in config.flags  # TensorRT's default, untouched for fp16
-    assert config.pool_limits == {trt10.MemoryPoolType.WORKSPACE: 256 * 2**20}
+    assert trt10.BuilderFlag.FP16 in config._flags
+    assert trt10.BuilderFlag.TF32 in config._flags  # TensorRT's default, untouched for fp16
+    assert config._pool_limits == {trt10.MemoryPoolType.WORKSPACE: 256 * 2**20}
     assert config.builder_optimization_level == 5
     assert config.hardware_compatibility_level == trt10.HardwareCompatibilityLevel.NONE
     assert build["profile"] == {
@@ -106,10 +106,10 @@ def test_tensorrt10_takes_fp16_as_a_builder_flag_with_the_batch_profile(tmp_path
 
 def test_tensorrt10_fp32_is_plain_fp32(tmp_path, trt10):
     _build(_bundle(tmp_path))
-    config = trt10.builds[0]["config"]
-    assert trt10.BuilderFlag.FP16 not in config.flags
-    assert trt10.BuilderFlag.TF32 not in config.flags  # cleared: fp32 parity with ONNX Runtime
-    assert config.pool_limits == {}  # no --workspace: TensorRT's own default
+    config = trt10._builds[0]["config"]
+    assert trt10.BuilderFlag.FP16 not in config._flags
+    assert trt10.BuilderFlag.TF32 not in config._flags  # cleared: fp32 parity with ONNX Runtime
+    assert config._pool_limits == {}  # no --workspace: TensorRT's own default
     assert config.builder_optimization_level == 3
 
 
@@ -117,7 +117,7 @@ def test_tensorrt11_builds_strongly_typed_with_the_onnx_precision(tmp_path, trt1
     bundle = _bundle(tmp_path, precision="fp16")
     _build(bundle)  # the fake 11 has no BuilderFlag.FP16: touching it would raise AttributeError
 
-    (build,) = trt11.builds
+    (build,) = trt11._builds
     assert build["network_flags"] == 1 << int(trt11.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     assert not hasattr(trt11.BuilderFlag, "FP16")
     sidecar = json.loads((bundle / "unet.plan.json").read_text())
@@ -131,14 +131,14 @@ def test_tensorrt11_refuses_a_precision_the_onnx_does_not_have(tmp_path, trt11):
     with pytest.raises(DtkError, match=r"TensorRT 11 builds strongly typed.*dtk export --precision fp16"):
         _build(bundle, precision="fp16")
     assert not (bundle / "unet.plan").exists()
-    assert trt11.builds == []
+    assert trt11._builds == []
 
 
 def test_strongly_typed_on_tensorrt10_sets_the_flag_and_no_precision_flag(tmp_path, trt10):
     _build(_bundle(tmp_path, precision="fp16"), strongly_typed=True)
-    build = trt10.builds[0]
+    build = trt10._builds[0]
     assert build["network_flags"] == 1 << int(trt10.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == 2
-    assert trt10.BuilderFlag.FP16 not in build["config"].flags
+    assert trt10.BuilderFlag.FP16 not in build["config"]._flags
 
 
 def _int8_bundle(tmp_path):
@@ -182,9 +182,9 @@ def test_int8_engines_come_only_from_int8_bundles(tmp_path, trt10):
 def test_compatibility_options_reach_the_config_and_the_sidecar(tmp_path, trt10):
     bundle = _bundle(tmp_path)
     _build(bundle, hardware_compat="ampere+", version_compat=True)
-    config = trt10.builds[0]["config"]
+    config = trt10._builds[0]["config"]
     assert config.hardware_compatibility_level == trt10.HardwareCompatibilityLevel.AMPERE_PLUS
-    assert trt10.BuilderFlag.VERSION_COMPATIBLE in config.flags
+    assert trt10.BuilderFlag.VERSION_COMPATIBLE in config._flags
     sidecar = json.loads((bundle / "unet.plan.json").read_text())
     assert (sidecar["hardware_compat"], sidecar["version_compat"]) == ("ampere+", True)
 
@@ -192,7 +192,7 @@ def test_compatibility_options_reach_the_config_and_the_sidecar(tmp_path, trt10)
 def test_fixed_batch_needs_no_profile(tmp_path, trt10):
     bundle = _bundle(tmp_path, batch=(2, 2, 2))
     _build(bundle)
-    assert trt10.builds[0]["config"].profiles == []
+    assert trt10._builds[0]["config"]._profiles == []
     sidecar = json.loads((bundle / "unet.plan.json").read_text())
     assert sidecar["profiles"][0]["sample"] == {"min": [2, 1, 8, 8], "opt": [2, 1, 8, 8], "max": [2, 1, 8, 8]}
 
@@ -221,10 +221,13 @@ def test_unreadable_onnx_is_a_parser_error(tmp_path, trt10):
 
 
 def test_graph_inputs_must_be_the_manifests(tmp_path, trt10):
+    import onnx
+
     bundle = _bundle(tmp_path)
-    graph = json.loads((bundle / "unet.onnx").read_text())
-    graph["inputs"][0]["name"] = "x"
-    (bundle / "unet.onnx").write_text(json.dumps(graph))
+    model = onnx.load(bundle / "unet.onnx")
+    model.graph.input[0].name = "x"
+    model.graph.node[0].input[0] = "x"
+    onnx.save(model, bundle / "unet.onnx")
     with pytest.raises(
         DtkError, match=r"has inputs \['timestep', 'x'\], the manifest names \['sample', 'timestep'\]"
     ):
@@ -235,9 +238,8 @@ def test_a_failed_build_reports_tensorrt_errors_and_keeps_the_previous_plan(tmp_
     bundle = _bundle(tmp_path)
     _build(bundle)
     before = {name: (bundle / name).read_bytes() for name in ("unet.plan", "unet.plan.json", "dtk.json")}
-    graph = json.loads((bundle / "unet.onnx").read_text())
-    (bundle / "unet.onnx").write_text(
-        json.dumps({**graph, "build_error": "Out of memory: tactic needs 2 GiB"})
+    (bundle / "unet.onnx").write_bytes(
+        _fakes().fake_onnx("batch", [1, 8, 8], build_error="Out of memory: tactic needs 2 GiB")
     )
     with pytest.raises(
         DtkError, match="TensorRT could not build an engine: Out of memory: tactic needs 2 GiB"
@@ -327,9 +329,9 @@ def test_cli_maps_flags_to_options(tmp_path, trt10, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"wrote {bundle / 'unet.plan'}")
     assert "TensorRT 10.3.0, NVIDIA Jetson Fake (sm_87), fp16, batch 1..4" in out
-    config = trt10.builds[0]["config"]
-    assert trt10.BuilderFlag.FP16 in config.flags and trt10.BuilderFlag.VERSION_COMPATIBLE in config.flags
-    assert config.pool_limits[trt10.MemoryPoolType.WORKSPACE] == 64 * 2**20
+    config = trt10._builds[0]["config"]
+    assert trt10.BuilderFlag.FP16 in config._flags and trt10.BuilderFlag.VERSION_COMPATIBLE in config._flags
+    assert config._pool_limits[trt10.MemoryPoolType.WORKSPACE] == 64 * 2**20
     assert config.builder_optimization_level == 1
     assert config.hardware_compatibility_level == trt10.HardwareCompatibilityLevel.AMPERE_PLUS
 
@@ -398,3 +400,156 @@ def test_real_engine_matches_onnxruntime(tiny_bundle, tmp_path):
         on_host = sample_loop(lambda s, t: denoiser(s, np.full(2, t, np.float32)), x, plan, None)
         on_device = denoiser.run_chain(plan, x, None)
         np.testing.assert_allclose(on_device, on_host, atol=1e-4, rtol=1e-4)
+
+
+# -- what TensorRT really does on failure, and the engine check ----------------------------------------------
+
+
+def test_a_builder_tensorrt_cannot_create_is_one_line_with_tensorrts_reason(tmp_path, trt10, gpu):
+    """trt.Builder never returns None: pybind11 raises TypeError after TensorRT logged the CUDA error."""
+    gpu.tensorrt_cuda_fails = True
+    with pytest.raises(DtkError) as caught:
+        _build(_bundle(tmp_path))
+    message = str(caught.value)
+    assert message.startswith("TensorRT could not create a builder: [defaultAllocator.cpp")
+    assert "CUDA initialization failure with error: 35" in message and "\n" not in message
+
+
+def test_hardware_compat_is_refused_on_jetson_before_building(tmp_path, monkeypatch):
+    fake = _fakes().FakeGpu(name="Orin", compute_capability=(8, 7), integrated=True, sm_count=8)
+    trt = _fakes().install(monkeypatch, fake)
+    bundle = _bundle(tmp_path)
+    with pytest.raises(DtkError, match=r"--hardware-compat is not supported on Orin: .*integrated GPU"):
+        _build(bundle, hardware_compat="ampere+")
+    assert trt._builds == [] and not (bundle / "unet.plan").exists()
+    old = _fakes().FakeGpu(name="Tesla T4", compute_capability=(7, 5))
+    _fakes().install(monkeypatch, old)
+    with pytest.raises(DtkError, match=r"needs an Ampere or newer GPU \(sm_80\+\); Tesla T4 is sm_75"):
+        _build(bundle, hardware_compat="ampere+")
+
+
+def test_the_sidecar_identifies_the_gpu_and_platform(tmp_path, monkeypatch):
+    from dtk.runtime.sidecar import this_platform
+
+    fake = _fakes().FakeGpu(name="Orin", compute_capability=(8, 7), integrated=True, sm_count=8)
+    _fakes().install(monkeypatch, fake)
+    bundle = _bundle(tmp_path)
+    _build(bundle)
+    sidecar = json.loads((bundle / "unet.plan.json").read_text())
+    assert (sidecar["architecture"], sidecar["integrated"], sidecar["sm_count"]) == ("Ampere", True, 8)
+    assert sidecar["platform"] == this_platform() and sidecar["schema_version"] == 2
+
+
+def test_a_profile_tensorrt_refuses_is_an_error(tmp_path, trt10, monkeypatch):
+    from dtk.export import tensorrt as build_module
+
+    real = build_module._profile_shapes
+
+    def inverted(manifest):
+        shapes = real(manifest)
+        return {name: (high, opt, low) for name, (low, opt, high) in shapes.items()}
+
+    monkeypatch.setattr(build_module, "_profile_shapes", inverted)
+    bundle = _bundle(tmp_path)
+    with pytest.raises(
+        DtkError, match=r"TensorRT refused the batch profile .*the profile needs MIN <= OPT <= MAX"
+    ):
+        _build(bundle)
+    assert trt10._builds == [] and not (bundle / "unet.plan").exists()
+
+
+def test_an_earlier_parser_warning_is_not_the_build_failures_reason(tmp_path, trt10, monkeypatch):
+    bundle = _bundle(tmp_path, build_error="Out of memory")
+    real = trt10.OnnxParser.parse_from_file
+
+    def parse_with_a_logged_error(self, model):
+        self._logger.log(1, "a parser error TensorRT recovered from")
+        return real(self, model)
+
+    monkeypatch.setattr(trt10.OnnxParser, "parse_from_file", parse_with_a_logged_error)
+    with pytest.raises(DtkError) as caught:
+        _build(bundle)
+    assert str(caught.value).endswith("TensorRT could not build an engine: Out of memory")
+
+
+def test_the_engine_is_checked_against_onnxruntime_and_the_result_kept(tmp_path, trt10):
+    bundle = _bundle(tmp_path)
+    _build(bundle)
+    parity = json.loads((bundle / "unet.plan.json").read_text())["parity"]
+    assert parity["passed"] is True and parity["provider"] == "TensorRT"
+    assert parity["reference"] == "ONNX Runtime CPUExecutionProvider"
+    assert (parity["atol"], parity["rtol"], parity["chain_atol"]) == (2e-4, 1e-3, 1e-3)
+    assert [c["batch"] for c in parity["cases"]] == [1, 1, 1, 4]  # t near 0, T/2, T-1 at batch 1; all at 4
+    assert parity["cases"][3]["timesteps"] == [0, 1, 500, 999]
+    assert parity["chain"]["steps"] == 20 and parity["chain"]["passed"]
+    assert max(c["max_abs"] for c in parity["cases"]) < 1e-6  # the fake engine computes the ONNX graph
+
+    from dtk.export.inspect import describe
+
+    check = describe(bundle)["plan"]["engine_check"]
+    assert check["passed"] is True and check["verified"] is True
+
+
+def test_an_engine_that_differs_from_onnxruntime_leaves_no_plan(tmp_path, trt10, capsys):
+    from dtk.cli import main
+
+    bundle = _bundle(tmp_path)
+    _build(bundle)
+    before = {name: (bundle / name).read_bytes() for name in ("unet.plan", "unet.plan.json", "dtk.json")}
+    (bundle / "unet.onnx").write_bytes(_fakes().fake_onnx("batch", [1, 8, 8], engine_error=0.01))
+    assert main(["build-engine", str(bundle), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "parity (fp32, TensorRT vs ONNX Runtime CPUExecutionProvider)" in err and "FAIL" in err
+    assert "error: the engine does not match ONNX Runtime (fp32): batch 1 t=0: max |Δ| 0.01" in err
+    assert "No unet.plan was written" in err and "--atol/--rtol/--chain-atol" in err
+    assert {name: (bundle / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in bundle.iterdir()) == [
+        "dtk.json",
+        "unet.onnx",
+        "unet.plan",
+        "unet.plan.json",
+    ]
+
+    loosened = ["--atol", "0.02", "--chain-atol", "0.1"]
+    assert main(["build-engine", str(bundle), "--no-progress", *loosened]) == 0
+    assert json.loads((bundle / "unet.plan.json").read_text())["parity"]["atol"] == 0.02
+    assert main(["build-engine", str(bundle), "--no-progress", "--no-verify"]) == 0
+    assert "not compared with ONNX Runtime" in capsys.readouterr().err
+    assert json.loads((bundle / "unet.plan.json").read_text())["parity"] == {}
+
+
+def test_several_engines_per_bundle_each_with_its_sidecar(tmp_path, monkeypatch, capsys):
+    from dtk.cli import main
+    from dtk.runtime.pipeline import Pipeline
+
+    bundle = _bundle(tmp_path)
+    _fakes().install(
+        monkeypatch, _fakes().FakeGpu(name="NVIDIA H200", compute_capability=(9, 0), sm_count=132)
+    )
+    assert main(["build-engine", str(bundle), "--no-progress"]) == 0
+    orin = _fakes().FakeGpu(name="Orin", compute_capability=(8, 7), integrated=True, sm_count=8)
+    _fakes().install(monkeypatch, orin)
+    assert main(["build-engine", str(bundle), "--no-progress", "--engine-name", "orin-nx-fp16",
+                 "--precision", "fp16"]) == 0  # fmt: skip
+    names = sorted(p.name for p in bundle.iterdir())
+    assert names == ["dtk.json", "unet-orin-nx-fp16.plan", "unet-orin-nx-fp16.plan.json", "unet.onnx",
+                     "unet.plan", "unet.plan.json"]  # fmt: skip
+    assert load_manifest(bundle).plan == "unet-orin-nx-fp16.plan"
+    capsys.readouterr()
+
+    _fakes().install(
+        monkeypatch, _fakes().FakeGpu(name="NVIDIA H200", compute_capability=(9, 0), sm_count=132)
+    )
+    with Pipeline.load(bundle, backend="tensorrt") as pipe:
+        assert pipe.denoiser.plan_path.name == "unet.plan"
+    assert "using engine unet.plan of 2: built for NVIDIA H200 (sm_90), fp32" in capsys.readouterr().err
+
+    from dtk.export.inspect import describe
+
+    engines = describe(bundle)["engines"]
+    assert [(e["name"], e["checked"]) for e in engines] == [
+        ("unet-orin-nx-fp16.plan", "passed"),
+        ("unet.plan", "passed"),
+    ]
+    with pytest.raises(DtkError, match="engine name 'Orin NX'"):
+        _build(bundle, engine_name="Orin NX")

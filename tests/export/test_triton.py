@@ -9,7 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from dtk.export.triton import TritonOptions, render_pbtxt, triton_config, write_triton_repository
+from dtk.export.triton import (
+    SAMPLER_SOURCE,
+    SamplerOptions,
+    TritonOptions,
+    render_pbtxt,
+    sampler_config,
+    triton_config,
+    write_sampler_model,
+    write_serving_repository,
+    write_triton_repository,
+)
 from dtk.runtime.errors import DtkError
 from dtk.runtime.files import sha256
 from dtk.runtime.manifest import load_manifest
@@ -132,3 +142,81 @@ def test_refuses_to_replace_other_directories(tiny_bundle, tmp_path):
     (tmp_path / "repo" / "dtk_unet" / "mine.txt").write_text("x")
     with pytest.raises(DtkError, match="not a Triton model directory"):
         write_triton_repository(tiny_bundle, tmp_path / "repo")
+
+
+def test_sampler_config(tiny_bundle):
+    manifest = load_manifest(tiny_bundle)
+    config = sampler_config(manifest, SamplerOptions(steps=20, sampler="dpmpp-2m", instances=2))
+    assert config["name"] == "dtk_sampler" and config["backend"] == "python"
+    assert config["max_batch_size"] == 4  # the bundle's largest batch
+    assert config["input"] == [
+        {"name": "seed", "data_type": "TYPE_INT64", "dims": [1]},
+        {"name": "steps", "data_type": "TYPE_INT32", "dims": [1], "optional": True},
+        {"name": "eta", "data_type": "TYPE_FP32", "dims": [1], "optional": True},
+    ]
+    assert config["output"] == [{"name": "image", "data_type": "TYPE_UINT8", "dims": [16, 16, 1]}]
+    assert config["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
+    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 2000}
+    parameters = {p["key"]: p["value"]["string_value"] for p in config["parameters"]}
+    assert parameters == {
+        "bundle": "bundle",
+        "default_steps": "20",
+        "default_sampler": "dpmpp-2m",
+        "backend": "auto",
+        "threads": "0",
+        "cuda_graph": "false",
+    }
+    parsed = parse(render_pbtxt(config))
+    assert parsed.backend == "python" and parsed.max_batch_size == 4
+    assert [(i.name, i.data_type, list(i.dims), i.optional) for i in parsed.input] == [
+        ("seed", 9, [1], False),  # 9 = TYPE_INT64
+        ("steps", 8, [1], True),  # 8 = TYPE_INT32
+        ("eta", 11, [1], True),
+    ]
+    assert parsed.output[0].data_type == 2 and list(parsed.output[0].dims) == [16, 16, 1]  # 2 = TYPE_UINT8
+    assert parsed.parameters["default_sampler"].string_value == "dpmpp-2m"
+    assert parsed.dynamic_batching.max_queue_delay_microseconds == 2000
+
+
+def test_sampler_defaults_are_checked(tiny_bundle):
+    manifest = load_manifest(tiny_bundle)
+    with pytest.raises(DtkError, match="steps must be between 1 and num_train_timesteps"):
+        sampler_config(manifest, SamplerOptions(steps=5000))
+    with pytest.raises(DtkError, match="unknown sampler 'euler'"):
+        sampler_config(manifest, SamplerOptions(sampler="euler"))
+    with pytest.raises(DtkError, match="instance kind"):
+        sampler_config(manifest, SamplerOptions(kind="tpu"))
+
+
+def test_serving_repository_holds_both_models(tiny_bundle, tmp_path):
+    sampler_dir, unet_dir = write_serving_repository(
+        tiny_bundle, tmp_path / "repo", SamplerOptions(), TritonOptions(kind="cpu")
+    )
+    assert (sampler_dir.name, unet_dir.name) == ("dtk_sampler", "dtk_unet")
+    assert sorted(str(p.relative_to(sampler_dir)) for p in sampler_dir.rglob("*")) == [
+        "1",
+        "1/bundle",
+        "1/bundle/dtk.json",
+        "1/bundle/unet.onnx",
+        "1/model.py",
+        "config.pbtxt",
+    ]
+    assert (sampler_dir / "1" / "model.py").read_text() == SAMPLER_SOURCE.read_text()
+    assert sha256(sampler_dir / "1" / "bundle" / "unet.onnx") == sha256(tiny_bundle / "unet.onnx")
+    assert parse((sampler_dir / "config.pbtxt").read_text()).name == "dtk_sampler"
+    (tmp_path / "repo" / "other").mkdir()  # not ours: refused, not replaced
+    with pytest.raises(DtkError, match="not a Triton model directory"):
+        write_sampler_model(tiny_bundle, tmp_path / "repo", SamplerOptions(name="other"))
+
+
+def test_sampler_model_carries_every_engine(tiny_bundle, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    for name in ("unet.plan", "unet.plan.json", "unet-orin.plan", "unet-orin.plan.json"):
+        (bundle / name).write_bytes(name.encode())
+    model_dir = write_sampler_model(bundle, tmp_path / "repo")
+    copied = sorted(p.name for p in (model_dir / "1" / "bundle").iterdir())
+    assert copied == sorted(
+        ["dtk.json", "unet.onnx", "unet.plan", "unet.plan.json", "unet-orin.plan", "unet-orin.plan.json"]
+    )
+    assert (model_dir / "1" / "bundle" / "unet-orin.plan").read_bytes() == b"unet-orin.plan"

@@ -1,10 +1,22 @@
 """A fake GPU on host memory for machines without one: the cuda-python calls dtk makes, and a `tensorrt`.
 
-Device memory is host memory (ctypes buffers, filled with 0xFF so unwritten floats read as NaN), so copies,
-the "engine" and the update kernel really move and compute numbers. Streams queue work until synchronized, so
-staging a pinned buffer before the previous step has consumed it gives a wrong answer here too. Graph capture
-records the queued operations and replays them, reading memory at replay time like the real thing. Every
-allocation, stream, module and graph is tracked: `gpu.live()` is empty after a correct close.
+Device memory is host memory (ctypes buffers aligned to 256 bytes like cudaMalloc's, filled with 0xFF so
+unwritten floats read as NaN), so copies, the "engine" and the update kernel really move and compute numbers.
+Streams queue work until synchronized, so staging a pinned buffer before the previous step has consumed it
+gives a wrong answer here too. Graph capture records the queued operations and replays them, reading memory at
+replay time like the real thing. Every allocation, stream, module and graph is tracked: `gpu.live()` is empty
+after a correct close.
+
+It fails where the real APIs fail (tests/runtime/test_fake_gpu.py pins each one): TensorRT's Builder and
+Runtime raise TypeError when CUDA cannot start; a thread or device that is not current cannot use another
+device's stream, module or kernel; cuModuleLoadData refuses bytes that are not a cubin for this GPU or PTX it
+can JIT; NVRTC logs have their real length (1 byte when empty); a kernel's first launch inside a capture fails
+(drivers before CUDA 12.3), a synchronize inside a capture invalidates it, and EndCapture then fails;
+`execute_async_v3` inside a capture is refused until the context ran once uncaptured after a shape change;
+tensor addresses must be 256-byte aligned; I/O tensors keep the ONNX graph's dtype (fp16 I/O plans); a
+version-compatible plan loads only with `engine_host_code_allowed`; and hardware compatibility is refused on
+integrated GPUs. tests/runtime/test_tensorrt_names.py checks every TensorRT name here against TensorRT 10's
+stubs. Names starting with `_` are the fakes' own bookkeeping, for tests to read.
 
 This is a model of the documented API surface, not of CUDA or TensorRT: passing against it says the control
 flow, buffer sizes and bindings are right, not that a real GPU agrees.
@@ -15,18 +27,23 @@ from __future__ import annotations
 import ctypes
 import enum
 import json
+import re
+import threading
 import types
+import weakref
 
 import numpy as np
 
 KERNEL_NAME = b"dtk_sampler_update"
+ALIGNMENT = 256  # cudaMalloc's, and what TensorRT asks of tensor addresses
 
 
 def fake_unet(sample: np.ndarray, timestep: np.ndarray, out_channels: int | None = None) -> np.ndarray:
     """What every fake engine computes: a fixed function of (x, t), so results are predictable on the host."""
-    sample = sample.astype(np.float32)
-    out = np.float32(0.5) * sample + np.float32(1e-3) * timestep.astype(np.float32)[:, None, None, None]
-    return (out - np.float32(0.1)).astype(np.float32)
+    dtype = np.dtype(np.float16 if sample.dtype == np.float16 else np.float32)
+    sample = sample.astype(dtype)
+    out = dtype.type(0.5) * sample + dtype.type(1e-3) * timestep.astype(dtype)[:, None, None, None]
+    return (out - dtype.type(0.1)).astype(dtype)
 
 
 class cudaError_t(enum.IntEnum):
@@ -34,15 +51,25 @@ class cudaError_t(enum.IntEnum):
     cudaErrorInvalidValue = 1
     cudaErrorMemoryAllocation = 2
     cudaErrorInsufficientDriver = 35
+    cudaErrorInvalidDevice = 101
     cudaErrorInvalidResourceHandle = 400
+    cudaErrorIllegalState = 401
     cudaErrorStreamCaptureUnsupported = 900
+    cudaErrorStreamCaptureInvalidated = 901
 
 
 class CUresult(enum.IntEnum):
     CUDA_SUCCESS = 0
     CUDA_ERROR_INVALID_VALUE = 1
+    CUDA_ERROR_INVALID_IMAGE = 200
+    CUDA_ERROR_INVALID_CONTEXT = 201
+    CUDA_ERROR_NO_BINARY_FOR_GPU = 209
+    CUDA_ERROR_INVALID_PTX = 218
+    CUDA_ERROR_UNSUPPORTED_PTX_VERSION = 222
     CUDA_ERROR_INVALID_HANDLE = 400
     CUDA_ERROR_NOT_FOUND = 500
+    CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED = 900
+    CUDA_ERROR_STREAM_CAPTURE_INVALIDATED = 901
 
 
 class nvrtcResult(enum.IntEnum):
@@ -65,10 +92,11 @@ class cudaStreamCaptureMode(enum.IntEnum):
 
 
 class FakeStream:
-    def __init__(self, handle: int):
-        self.handle = handle
+    def __init__(self, handle: int, device: int):
+        self.handle, self.device = handle, device
         self.queue: list = []
         self.capture: list | None = None
+        self.capture_invalid = False
 
     def __int__(self):
         return self.handle
@@ -78,28 +106,68 @@ class LibraryNotFound(RuntimeError):
     """What cuda-python raises when a wrapped library cannot be loaded."""
 
 
+def cubin_for(arch: int) -> bytes:
+    """The fake NVRTC's cubin: an ELF image naming its sm and the kernel."""
+    return b"\x7fELF\x02\x01\x01" + f"\0sm_{arch}\0".encode() + KERNEL_NAME + b"\0"
+
+
+def ptx_for(arch: int, isa: tuple[int, int]) -> bytes:
+    """The fake NVRTC's PTX text, NUL-terminated as nvrtcGetPTX returns it."""
+    text = f"//\n// Generated by NVRTC\n//\n.version {isa[0]}.{isa[1]}\n.target sm_{arch}\n.address_size 64\n"
+    return (text + f".visible .entry {KERNEL_NAME.decode()}(\n)\n{{\n\tret;\n}}\n").encode() + b"\0"
+
+
 class FakeGpu:
-    def __init__(self, name="NVIDIA Fake GPU", compute_capability=(8, 7), devices=1, driver=True, nvrtc=True):
+    """`devices` GPUs of one model with a driver of CUDA `driver_version` (12060 = 12.6) whose JIT takes PTX
+    up to ISA `driver_ptx`; an NVRTC that emits PTX ISA `nvrtc_ptx`; `capture_loads` for drivers from CUDA
+    12.3 on, which may load a module on its first launch inside a capture."""
+
+    def __init__(
+        self,
+        name="NVIDIA Fake GPU",
+        compute_capability=(8, 7),
+        devices=1,
+        driver=True,
+        nvrtc=True,
+        sm_count=16,
+        integrated=False,
+        driver_version=13000,
+        driver_ptx=(9, 0),
+        nvrtc_ptx=(9, 0),
+        capture_loads=False,
+    ):
         self.name, self.compute_capability, self.devices = name, tuple(compute_capability), devices
+        self.sm_count, self.integrated = sm_count, integrated
         self.driver_ok, self.nvrtc_ok = driver, nvrtc
-        self.memory: dict[
-            int, tuple[object, int, str]
-        ] = {}  # base address -> (buffer, size, "device"|"pinned")
+        self.driver_version, self.driver_ptx, self.nvrtc_ptx = driver_version, driver_ptx, nvrtc_ptx
+        self.capture_loads = capture_loads
+        self.tensorrt_cuda_fails = (
+            False  # TensorRT's own CUDA start fails (error 35: a driver too old for it)
+        )
+        self.nvrtc_archs = [75, 80, 86, 87, 89, 90]
+        self.memory: dict[int, tuple[object, int, str]] = {}  # address -> (buffer, size, "device"|"pinned")
         self.streams: dict[int, FakeStream] = {}
-        self.modules: set[int] = set()
+        self.modules: dict[int, int] = {}  # module -> the device whose context it was loaded into
+        self.launched: set[int] = set()  # modules whose kernel has run at least once
         self.graphs: dict[int, list] = {}
         self.graph_execs: dict[int, list] = {}
-        self.programs: dict[int, bytes] = {}
+        self.programs: dict[int, dict] = {}
         self.log: list[str] = []  # names of the operations that ran on a stream, in order
         self.nvrtc_options: list[list[bytes]] = []
         self.launches: list[dict] = []
-        self.current_device = None
+        self.violations: list[str] = []  # TensorRT objects released while the stream still had their work
+        self._thread = threading.local()
         self._next = 1
         self.runtime = self._runtime()
         self.driver = self._driver()
         self.nvrtc = self._nvrtc()
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
+
+    @property
+    def current_device(self) -> int | None:
+        """The device current on the calling thread (None before the thread's first runtime call)."""
+        return getattr(self._thread, "device", None)
 
     def live(self) -> dict[str, int]:
         kinds = [kind for _, _, kind in self.memory.values()]
@@ -118,9 +186,9 @@ class FakeGpu:
         return self._next
 
     def allocate(self, nbytes: int, kind: str) -> int:
-        buffer = ctypes.create_string_buffer(max(int(nbytes), 1))
-        address = ctypes.addressof(buffer)
-        ctypes.memset(address, 0xFF, len(buffer))
+        buffer = ctypes.create_string_buffer(max(int(nbytes), 1) + ALIGNMENT)
+        address = -(-ctypes.addressof(buffer) // ALIGNMENT) * ALIGNMENT
+        ctypes.memset(address, 0xFF, max(int(nbytes), 1))
         self.memory[address] = (buffer, int(nbytes), kind)
         return address
 
@@ -139,6 +207,17 @@ class FakeGpu:
             dtype
         )
 
+    def runtime_context(self) -> int:
+        """The CUDA runtime makes device 0's primary context current on a thread's first call."""
+        if self.current_device is None:
+            self._thread.device = 0
+        return self.current_device
+
+    def stream_of(self, stream) -> FakeStream | None:
+        """The stream, if it exists and belongs to the current device."""
+        found = self.streams.get(int(stream))
+        return found if found is not None and found.device == self.runtime_context() else None
+
     def enqueue(self, stream, name: str, op) -> None:
         stream = self.streams[int(stream)]
         (stream.capture if stream.capture is not None else stream.queue).append((name, op))
@@ -149,10 +228,14 @@ class FakeGpu:
             self.log.append(name)
             op()
 
+    def pending(self) -> bool:
+        return any(stream.queue for stream in self.streams.values())
+
     # -- cuda.bindings.runtime -------------------------------------------------------------------------------
 
     def _runtime(self):
         gpu, ok = self, cudaError_t.cudaSuccess
+        bad_handle = (cudaError_t.cudaErrorInvalidResourceHandle,)
         rt = types.SimpleNamespace(
             cudaError_t=cudaError_t,
             cudaMemcpyKind=cudaMemcpyKind,
@@ -171,16 +254,20 @@ class FakeGpu:
             major, minor = gpu.compute_capability
             prop = types.SimpleNamespace(name=gpu.name.encode() + b"\0\0", major=major, minor=minor)
             prop.totalGlobalMem = 8 << 30
+            prop.multiProcessorCount, prop.integrated = gpu.sm_count, int(gpu.integrated)
             return ok, prop
 
         def set_device(device):
             if not gpu.driver_ok:
                 return (cudaError_t.cudaErrorInsufficientDriver,)
-            gpu.current_device = device
+            if not 0 <= device < gpu.devices:
+                return (cudaError_t.cudaErrorInvalidDevice,)
+            gpu._thread.device = device
             return (ok,)
 
         def malloc(kind):
             def allocate(nbytes):
+                gpu.runtime_context()
                 return ok, gpu.allocate(nbytes, kind)
 
             return allocate
@@ -195,24 +282,29 @@ class FakeGpu:
             return release
 
         def stream_create(flags):
-            stream = FakeStream(gpu.handle())
+            stream = FakeStream(gpu.handle(), gpu.runtime_context())
             gpu.streams[stream.handle] = stream
             return ok, stream
 
         def stream_destroy(stream):
-            if int(stream) not in gpu.streams:
-                return (cudaError_t.cudaErrorInvalidResourceHandle,)
+            if gpu.stream_of(stream) is None:
+                return bad_handle
             gpu.run(gpu.streams.pop(int(stream)))
             return (ok,)
 
         def synchronize(stream):
-            stream = gpu.streams[int(stream)]
-            if stream.capture is not None:
+            found = gpu.stream_of(stream)
+            if found is None:
+                return bad_handle
+            if found.capture is not None:  # not allowed while capturing, and it breaks the capture
+                found.capture_invalid = True
                 return (cudaError_t.cudaErrorStreamCaptureUnsupported,)
-            gpu.run(stream)
+            gpu.run(found)
             return (ok,)
 
         def memcpy_async(dst, src, count, kind, stream):
+            if gpu.stream_of(stream) is None:
+                return bad_handle
             sides = {
                 cudaMemcpyKind.cudaMemcpyHostToDevice: ("device", "pinned"),
                 cudaMemcpyKind.cudaMemcpyDeviceToHost: ("pinned", "device"),
@@ -226,29 +318,43 @@ class FakeGpu:
             return (ok,)
 
         def memset_async(ptr, value, count, stream):
+            if gpu.stream_of(stream) is None:
+                return bad_handle
             if not gpu.region(ptr, count, "device"):
                 return (cudaError_t.cudaErrorInvalidValue,)
             gpu.enqueue(stream, "memset", lambda: ctypes.memset(ptr, value, count))
             return (ok,)
 
         def begin_capture(stream, mode):
-            gpu.streams[int(stream)].capture = []
+            found = gpu.stream_of(stream)
+            if found is None:
+                return bad_handle
+            if found.capture is not None:
+                return (cudaError_t.cudaErrorIllegalState,)
+            found.capture, found.capture_invalid = [], False
             return (ok,)
 
         def end_capture(stream):
-            stream = gpu.streams[int(stream)]
+            found = gpu.stream_of(stream)
+            if found is None or found.capture is None:
+                return cudaError_t.cudaErrorIllegalState, None
+            recorded, found.capture = found.capture, None
+            if found.capture_invalid:
+                return cudaError_t.cudaErrorStreamCaptureInvalidated, None
             graph = gpu.handle()
-            gpu.graphs[graph], stream.capture = stream.capture, None
+            gpu.graphs[graph] = recorded
             return ok, graph
 
         def instantiate(graph, flags):
+            if graph not in gpu.graphs:
+                return cudaError_t.cudaErrorInvalidValue, None
             graph_exec = gpu.handle()
             gpu.graph_execs[graph_exec] = list(gpu.graphs[graph])
             return ok, graph_exec
 
         def graph_launch(graph_exec, stream):
-            if graph_exec not in gpu.graph_execs:
-                return (cudaError_t.cudaErrorInvalidResourceHandle,)
+            if graph_exec not in gpu.graph_execs or gpu.stream_of(stream) is None:
+                return bad_handle
             for name, op in gpu.graph_execs[graph_exec]:
                 gpu.enqueue(stream, name, op)
             return (ok,)
@@ -256,7 +362,7 @@ class FakeGpu:
         def destroy(table):
             def release(handle):
                 if handle not in table:
-                    return (cudaError_t.cudaErrorInvalidResourceHandle,)
+                    return bad_handle
                 del table[handle]
                 return (ok,)
 
@@ -265,6 +371,8 @@ class FakeGpu:
         rt.cudaGetDeviceCount = device_count
         rt.cudaGetDeviceProperties = properties
         rt.cudaSetDevice = set_device
+        rt.cudaDriverGetVersion = lambda: (ok, gpu.driver_version)
+        rt.cudaRuntimeGetVersion = lambda: (ok, 13000)
         rt.cudaMalloc, rt.cudaFree = malloc("device"), free("device")
         rt.cudaMallocHost, rt.cudaFreeHost = malloc("pinned"), free("pinned")
         rt.cudaStreamCreateWithFlags = stream_create
@@ -298,15 +406,52 @@ class FakeGpu:
 
             return call
 
+        def needs_context(fn, returns_value=False):
+            """Driver calls act on the thread's current context: none before a runtime call made one."""
+
+            def call(*args):
+                if gpu.current_device is None:
+                    return (CUresult.CUDA_ERROR_INVALID_CONTEXT,) + (None,) * returns_value
+                return fn(*args)
+
+            return needs_driver(call)
+
+        def check_image(image) -> CUresult:
+            if not isinstance(image, bytes | bytearray):
+                return CUresult.CUDA_ERROR_INVALID_VALUE
+            arch = gpu.compute_capability[0] * 10 + gpu.compute_capability[1]
+            if image.startswith(b"\x7fELF"):
+                match = re.search(rb"\0sm_(\d+)\0", image)
+                if not match:
+                    return CUresult.CUDA_ERROR_INVALID_IMAGE
+                return ok if int(match.group(1)) == arch else CUresult.CUDA_ERROR_NO_BINARY_FOR_GPU
+            if b".version" not in image:
+                return CUresult.CUDA_ERROR_INVALID_IMAGE
+            if not image.endswith(b"\0"):
+                return CUresult.CUDA_ERROR_INVALID_PTX
+            version = re.search(rb"\.version (\d+)\.(\d+)", image)
+            target = re.search(rb"\.target sm_(\d+)", image)
+            if not version or not target:
+                return CUresult.CUDA_ERROR_INVALID_PTX
+            if (int(version.group(1)), int(version.group(2))) > gpu.driver_ptx:
+                return CUresult.CUDA_ERROR_UNSUPPORTED_PTX_VERSION
+            return ok if int(target.group(1)) <= arch else CUresult.CUDA_ERROR_NO_BINARY_FOR_GPU
+
         def load(image):
+            error = check_image(image)
+            if error != ok:
+                return error, None
             module = gpu.handle()
-            gpu.modules.add(module)
+            gpu.modules[module] = gpu.current_device
             return ok, module
 
         def unload(module):
             if module not in gpu.modules:
                 return (CUresult.CUDA_ERROR_INVALID_HANDLE,)
-            gpu.modules.remove(module)
+            if gpu.modules[module] != gpu.current_device:
+                return (CUresult.CUDA_ERROR_INVALID_CONTEXT,)
+            del gpu.modules[module]
+            gpu.launched.discard(module)
             return (ok,)
 
         def get_function(module, name):
@@ -315,8 +460,19 @@ class FakeGpu:
             return ok, ("function", module)
 
         def launch(function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
-            if function[1] not in gpu.modules or gx * bx < 1:
+            module = function[1]
+            if module not in gpu.modules or gx * bx < 1:
                 return (CUresult.CUDA_ERROR_INVALID_VALUE,)
+            found = gpu.streams.get(int(stream))
+            if (
+                gpu.modules[module] != gpu.current_device
+                or found is None
+                or found.device != gpu.current_device
+            ):
+                return (CUresult.CUDA_ERROR_INVALID_CONTEXT,)
+            if found.capture is not None and module not in gpu.launched and not gpu.capture_loads:
+                found.capture_invalid = True  # the first launch loads the kernel: not while capturing
+                return (CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,)
             # kernelParams: an array of six pointers, each to an 8-byte argument (the driver copies them now)
             slots = (ctypes.c_uint64 * 6).from_address(params)
             x, x0_prev, out, noise, coeffs, n = (ctypes.c_uint64.from_address(slot).value for slot in slots)
@@ -325,6 +481,7 @@ class FakeGpu:
                     return (CUresult.CUDA_ERROR_INVALID_VALUE,)
             if not gpu.region(coeffs, 32, "device"):
                 return (CUresult.CUDA_ERROR_INVALID_VALUE,)
+            gpu.launched.add(module)
             gpu.launches.append({"grid": (gx, gy, gz), "block": (bx, by, bz), "n": n})
 
             def run():
@@ -346,10 +503,10 @@ class FakeGpu:
             return (ok,)
 
         drv.cuInit = needs_driver(lambda flags: (ok,))
-        drv.cuModuleLoadData = needs_driver(load)
-        drv.cuModuleUnload = needs_driver(unload)
-        drv.cuModuleGetFunction = needs_driver(get_function)
-        drv.cuLaunchKernel = needs_driver(launch)
+        drv.cuModuleLoadData = needs_context(load, returns_value=True)
+        drv.cuModuleUnload = needs_context(unload)
+        drv.cuModuleGetFunction = needs_context(get_function, returns_value=True)
+        drv.cuLaunchKernel = needs_context(launch)
         drv.cuGetErrorName = lambda error: (ok, error.name.encode())
         drv.cuGetErrorString = lambda error: (ok, b"fake driver error")
         return drv
@@ -368,31 +525,54 @@ class FakeGpu:
 
             return call
 
-        def fill(buffer: bytes, data: bytes):  # cuda-python writes into the bytes object it is given
+        def fill(buffer, data: bytes):
+            """cuda-python writes through the buffer's pointer: into a bytearray, or into a bytes object's
+            own storage (shared with every equal interned bytes object); other types are a TypeError."""
+            if not isinstance(buffer, bytes | bytearray):
+                raise TypeError(f"expected bytes, {type(buffer).__name__} found")
             assert len(buffer) >= len(data)
-            ctypes.memmove(ctypes.c_char_p(buffer), data, len(data))
+            # Writing into bytes would corrupt this test process (b" " * 1 is the interned b" "),
+            # so the fake stops where the real bindings would silently write.
+            assert isinstance(buffer, bytearray), "NVRTC output written into an immutable bytes object"
+            buffer[: len(data)] = data
+            return (ok,)
 
         def create(source, name, count, headers, names):
             program = gpu.handle()
-            gpu.programs[program] = source
+            gpu.programs[program] = {"source": source, "name": name.decode(), "log": "", "image": b""}
             return ok, program
 
         def compile_(program, count, options):
             gpu.nvrtc_options.append(list(options))
-            if KERNEL_NAME not in gpu.programs[program]:
+            state = gpu.programs[program]
+            match = re.fullmatch(rb"--gpu-architecture=(sm|compute)_(\d+)", options[0]) if options else None
+            if not match or int(match.group(2)) not in gpu.nvrtc_archs:
+                state["log"] = "nvrtc: error: invalid value for --gpu-architecture (-arch)\n"
+                return (nvrtcResult.NVRTC_ERROR_INVALID_OPTION,)
+            if KERNEL_NAME not in state["source"]:
+                state["log"] = (
+                    f'{state["name"]}(1): error: identifier "{KERNEL_NAME.decode()}" is undefined\n\n'
+                    f'1 error detected in the compilation of "{state["name"]}".\n'
+                )
                 return (nvrtcResult.NVRTC_ERROR_COMPILATION,)
+            arch = int(match.group(2))
+            state["cubin"] = cubin_for(arch) if match.group(1) == b"sm" else b""
+            state["ptx"] = ptx_for(arch, gpu.nvrtc_ptx)
             return (ok,)
 
-        image = b"FAKE-CUBIN:" + KERNEL_NAME
         rtc.nvrtcCreateProgram = needs_nvrtc(create)
         rtc.nvrtcCompileProgram = needs_nvrtc(compile_)
-        rtc.nvrtcGetSupportedArchs = needs_nvrtc(lambda: (ok, [75, 80, 86, 87, 89, 90]))
-        rtc.nvrtcGetCUBINSize = needs_nvrtc(lambda program: (ok, len(image)))
-        rtc.nvrtcGetCUBIN = needs_nvrtc(lambda program, buffer: (fill(buffer, image), (ok,))[1])
-        rtc.nvrtcGetPTXSize = needs_nvrtc(lambda program: (ok, len(image) + 1))
-        rtc.nvrtcGetPTX = needs_nvrtc(lambda program, buffer: (fill(buffer, image + b"\0"), (ok,))[1])
-        rtc.nvrtcGetProgramLogSize = needs_nvrtc(lambda program: (ok, 12))
-        rtc.nvrtcGetProgramLog = needs_nvrtc(lambda program, buffer: (fill(buffer, b"fake log\0"), (ok,))[1])
+        rtc.nvrtcGetSupportedArchs = needs_nvrtc(lambda: (ok, list(gpu.nvrtc_archs)))
+        rtc.nvrtcGetCUBINSize = needs_nvrtc(lambda program: (ok, len(gpu.programs[program]["cubin"])))
+        rtc.nvrtcGetCUBIN = needs_nvrtc(lambda program, buffer: fill(buffer, gpu.programs[program]["cubin"]))
+        rtc.nvrtcGetPTXSize = needs_nvrtc(lambda program: (ok, len(gpu.programs[program]["ptx"])))
+        rtc.nvrtcGetPTX = needs_nvrtc(lambda program, buffer: fill(buffer, gpu.programs[program]["ptx"]))
+        rtc.nvrtcGetProgramLogSize = needs_nvrtc(
+            lambda program: (ok, len(gpu.programs[program]["log"]) + 1)  # the NUL: 1 for an empty log
+        )
+        rtc.nvrtcGetProgramLog = needs_nvrtc(
+            lambda program, buffer: fill(buffer, gpu.programs[program]["log"].encode() + b"\0")
+        )
         rtc.nvrtcDestroyProgram = needs_nvrtc(lambda program: (gpu.programs.pop(program), (ok,))[1])
         rtc.nvrtcGetErrorString = lambda error: (ok, error.name.encode())
         return rtc
@@ -400,15 +580,23 @@ class FakeGpu:
 
 # -- a fake `tensorrt` module --------------------------------------------------------------------------------
 
+NULLPTR = "pybind11::init(): factory function returned nullptr"
+CUDA_INIT_FAILURE = (
+    "[defaultAllocator.cpp::nvinfer1::internal::DefaultAllocator::allocate::31] CUDA initialization failure "
+    "with error: 35. Please check your CUDA installation: "
+    "http://docs.nvidia.com/cuda/cuda-installation-guide-linux/index.html"
+)
+ONNX_DTYPES = {1: "FLOAT", 10: "HALF", 6: "INT32", 7: "INT64"}
+
 
 def fake_tensorrt(gpu: FakeGpu, version: str = "10.3.0") -> types.ModuleType:
     """The tensorrt API surface dtk uses. Version 11 lacks BuilderFlag.FP16, as the real TensorRT 11 does.
 
-    Plans are JSON; the last build's flags, profiles and limits are kept in `trt.builds` for tests to read."""
+    Plans are JSON; the builds' flags, profiles and limits are kept in `trt._builds` for tests to read."""
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
     major = int(version.split(".")[0])
-    trt.builds = []
+    trt._builds = []
 
     class Severity(enum.IntEnum):
         INTERNAL_ERROR = 0
@@ -418,12 +606,23 @@ def fake_tensorrt(gpu: FakeGpu, version: str = "10.3.0") -> types.ModuleType:
         VERBOSE = 4
 
     class ILogger:
-        pass
+        def __init__(self):
+            pass
+
+        def log(self, severity, msg):
+            pass
 
     ILogger.Severity = Severity
 
     class IProgressMonitor:
-        pass
+        def __init__(self):
+            pass
+
+    def start_cuda(logger):
+        """What Builder and Runtime do first: without a usable driver, log why and return nullptr."""
+        if not gpu.driver_ok or gpu.tensorrt_cuda_fails:
+            logger.log(Severity.ERROR, CUDA_INIT_FAILURE)
+            raise TypeError(NULLPTR)
 
     flags = ["TF32", "VERSION_COMPATIBLE", "REFIT"] + (["FP16", "INT8"] if major < 11 else [])
     trt.BuilderFlag = enum.IntEnum("BuilderFlag", {name: i for i, name in enumerate(flags)})
@@ -434,70 +633,83 @@ def fake_tensorrt(gpu: FakeGpu, version: str = "10.3.0") -> types.ModuleType:
     trt.TensorIOMode = enum.IntEnum("TensorIOMode", {"NONE": 0, "INPUT": 1, "OUTPUT": 2})
     trt.DataType = enum.IntEnum("DataType", {"FLOAT": 0, "HALF": 1, "INT32": 3, "INT64": 4})
     numpy_types = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64}
-    trt.nptype = lambda dtype: numpy_types[dtype.name]
+    trt.nptype = lambda trt_type: numpy_types[trt_type.name]
     trt.ILogger, trt.IProgressMonitor = ILogger, IProgressMonitor
 
     class ParserError:
         def __init__(self, info: dict):
-            self.info = info
+            self._info = info
 
         def desc(self):
-            return self.info["desc"]
+            return self._info["desc"]
 
         def node_name(self):
-            return self.info.get("node_name", "")
+            return self._info.get("node_name", "")
 
         def node_operator(self):
-            return self.info.get("op", "")
+            return self._info.get("op", "")
 
         def node(self):
-            return self.info.get("node", -1)
+            return self._info.get("node", -1)
 
-    class Tensor:
+    class ITensor:
         def __init__(self, name, shape, dtype="FLOAT"):
-            self.name, self.shape, self.dtype = name, tuple(shape), dtype
+            self.name, self.shape, self._dtype = name, tuple(shape), dtype
 
-    class Network:
+        @property
+        def dtype(self):
+            return trt.DataType[self._dtype]
+
+    class INetworkDefinition:
         def __init__(self, flags):
-            self.flags = flags
-            self.inputs: list[Tensor] = []
-            self.outputs: list[Tensor] = []
-            self.build_error = None
+            self._flags = flags
+            self._inputs: list[ITensor] = []
+            self._outputs: list[ITensor] = []
+            self._fake = {}
 
         @property
         def num_inputs(self):
-            return len(self.inputs)
+            return len(self._inputs)
 
-        def get_input(self, i):
-            return self.inputs[i]
+        def get_input(self, index):
+            return self._inputs[index]
 
     class OnnxParser:
         def __init__(self, network, logger):
-            self.network, self.logger, self.errors = network, logger, []
+            self._network, self._logger, self._errors = network, logger, []
 
-        def parse_from_file(self, path):
+        def parse_from_file(self, model):
+            import onnx
+
             try:
-                with open(path, encoding="utf-8") as f:
-                    graph = json.loads(f.read())
-            except (OSError, ValueError) as e:
-                self.errors = [{"desc": f"Failed to parse ONNX model from file: {path} ({type(e).__name__})"}]
+                graph = onnx.load(model).graph
+                meta = {p.key: p.value for p in onnx.load(model, load_external_data=False).metadata_props}
+            except Exception as e:
+                self._errors = [
+                    {"desc": f"Failed to parse ONNX model from file: {model} ({type(e).__name__})"}
+                ]
                 return False
-            self.errors = graph.get("errors", [])
-            self.network.build_error = graph.get("build_error")
-            for spec in graph["inputs"]:
-                self.network.inputs.append(Tensor(spec["name"], spec["shape"], spec.get("dtype", "FLOAT")))
-            for spec in graph["outputs"]:
-                self.network.outputs.append(Tensor(spec["name"], spec["shape"], spec.get("dtype", "FLOAT")))
-            return not self.errors
+            fake = json.loads(meta.get("dtk_fake", "{}"))
+            self._errors = fake.get("errors", [])
+            self._network._fake = fake
+            for values, into in (
+                (graph.input, self._network._inputs),
+                (graph.output, self._network._outputs),
+            ):
+                for value in values:
+                    tensor = value.type.tensor_type
+                    shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+                    into.append(ITensor(value.name, shape, ONNX_DTYPES[tensor.elem_type]))
+            return not self._errors
 
         @property
         def num_errors(self):
-            return len(self.errors)
+            return len(self._errors)
 
-        def get_error(self, i):
-            return ParserError(self.errors[i])
+        def get_error(self, index):
+            return ParserError(self._errors[index])
 
-    class TimingCache:
+    class ITimingCache:
         def __init__(self, data: bytes):
             if data and not data.startswith(b"FAKECACHE"):
                 raise RuntimeError("invalid timing cache")
@@ -506,65 +718,76 @@ def fake_tensorrt(gpu: FakeGpu, version: str = "10.3.0") -> types.ModuleType:
                 if data
                 else {"version": version, "gpu": gpu.name, "entries": 0}
             )
-            self.info = info
+            self._info = info
 
         def serialize(self):
-            return memoryview(b"FAKECACHE" + json.dumps(self.info).encode())
+            return memoryview(b"FAKECACHE" + json.dumps(self._info).encode())
 
-    class OptimizationProfile:
+    class IOptimizationProfile:
         def __init__(self):
-            self.shapes = {}
+            self._shapes = {}
 
-        def set_shape(self, name, low, opt, high):
-            self.shapes[name] = (tuple(low), tuple(opt), tuple(high))
+        def set_shape(self, input, min, opt, max):  # noqa: A002 (TensorRT's parameter names)
+            self._shapes[input] = (tuple(min), tuple(opt), tuple(max))
 
-    class BuilderConfig:
+    class IBuilderConfig:
         def __init__(self):
-            self.flags = {trt.BuilderFlag.TF32}  # TensorRT's default
-            self.pool_limits = {}
+            self._flags = {trt.BuilderFlag.TF32}  # TensorRT's default
+            self._pool_limits = {}
             self.builder_optimization_level = 3
             self.hardware_compatibility_level = trt.HardwareCompatibilityLevel.NONE
             self.progress_monitor = None
-            self.profiles = []
-            self.cache = None
+            self._profiles = []
+            self._cache = None
+            self._logger = None
 
         def set_flag(self, flag):
-            self.flags.add(flag)
+            self._flags.add(flag)
 
         def clear_flag(self, flag):
-            self.flags.discard(flag)
+            self._flags.discard(flag)
 
-        def set_memory_pool_limit(self, pool, size):
-            self.pool_limits[pool] = size
+        def set_memory_pool_limit(self, pool, pool_size):
+            self._pool_limits[pool] = pool_size
 
         def add_optimization_profile(self, profile):
-            self.profiles.append(profile)
-            return len(self.profiles) - 1
+            """-1 for a profile whose min ≤ opt ≤ max does not hold (TensorRT logs why)."""
+            for name, (low, opt, high) in profile._shapes.items():
+                if not (len(low) == len(opt) == len(high)) or not all(
+                    a <= b <= c for a, b, c in zip(low, opt, high, strict=True)
+                ):
+                    self._logger.log(Severity.ERROR, f"{name}: the profile needs MIN <= OPT <= MAX")
+                    return -1
+            self._profiles.append(profile)
+            return len(self._profiles) - 1
 
-        def create_timing_cache(self, data):
-            return TimingCache(bytes(data))
+        def create_timing_cache(self, serialized_timing_cache):
+            return ITimingCache(bytes(serialized_timing_cache))
 
         def set_timing_cache(self, cache, ignore_mismatch):
-            if cache.info["version"] != version or cache.info["gpu"] != gpu.name:
+            if cache._info["version"] != version or cache._info["gpu"] != gpu.name:
                 return False
-            self.cache = cache
+            self._cache = cache
             return True
 
         def get_timing_cache(self):
-            return self.cache
+            return self._cache
 
     class Builder:
         def __init__(self, logger):
-            self.logger = logger
+            start_cuda(logger)
+            self._logger = logger
 
         def create_network(self, flags=0):
-            return Network(flags)
+            return INetworkDefinition(flags)
 
         def create_builder_config(self):
-            return BuilderConfig()
+            config = IBuilderConfig()
+            config._logger = self._logger
+            return config
 
         def create_optimization_profile(self):
-            return OptimizationProfile()
+            return IOptimizationProfile()
 
         def build_serialized_network(self, network, config):
             monitor = config.progress_monitor
@@ -580,131 +803,194 @@ def fake_tensorrt(gpu: FakeGpu, version: str = "10.3.0") -> types.ModuleType:
                 monitor.step_complete("Building engine", 0)
                 monitor.step_complete("Building engine", 1)
                 monitor.phase_finish("Building engine")
-            if network.build_error:
-                self.logger.log(Severity.ERROR, network.build_error)
+            fake = network._fake
+            if fake.get("build_error"):
+                self._logger.log(Severity.ERROR, fake["build_error"])
                 return None
-            dynamic = any(-1 in t.shape for t in network.inputs)
-            if dynamic and not config.profiles:
-                self.logger.log(
+            hardware_compat = config.hardware_compatibility_level != trt.HardwareCompatibilityLevel.NONE
+            if hardware_compat and gpu.integrated:
+                self._logger.log(Severity.ERROR, "Hardware compatibility is not supported on this platform")
+                return None
+            dynamic = any(-1 in t.shape for t in network._inputs)
+            if dynamic and not config._profiles:
+                self._logger.log(
                     Severity.ERROR, "Network has dynamic or shape inputs, but no optimization profile"
                 )
                 return None
-            profile = config.profiles[0].shapes if config.profiles else {}
-            if config.cache is not None:
-                config.cache.info["entries"] += 1
-            trt.builds.append({"network_flags": network.flags, "config": config, "profile": profile})
+            profile = config._profiles[0]._shapes if config._profiles else {}
+            if config._cache is not None:
+                config._cache._info["entries"] += 1
+            trt._builds.append({"network_flags": network._flags, "config": config, "profile": profile})
             io = []
-            for tensor, mode in [(t, "INPUT") for t in network.inputs] + [
-                (t, "OUTPUT") for t in network.outputs
+            for tensor, mode in [(t, "INPUT") for t in network._inputs] + [
+                (t, "OUTPUT") for t in network._outputs
             ]:
                 shapes = profile.get(tensor.name)
                 io.append(
                     {
                         "name": tensor.name,
                         "mode": mode,
-                        "dtype": tensor.dtype,
+                        "dtype": tensor._dtype,
                         "shape": list(tensor.shape),
                         "profile": [list(s) for s in shapes] if shapes else None,
                     }
                 )
-            plan = {"fake_plan": version, "io": io}
+            plan = {
+                "fake_plan": version,
+                "io": io,
+                "cc": list(gpu.compute_capability),
+                "hardware_compat": hardware_compat,
+                "version_compatible": trt.BuilderFlag.VERSION_COMPATIBLE in config._flags,
+                "engine_error": fake.get("engine_error", 0.0),
+            }
             return memoryview(json.dumps(plan).encode())
 
-    class ExecutionContext:
+    class IExecutionContext:
         def __init__(self, engine):
-            self.engine, self.shapes, self.addresses = engine, {}, {}
-            self.executions = 0
+            self._engine, self._shapes, self._addresses = engine, {}, {}
+            self._executions = 0
+            self._ran_since_shape_change = False
+            weakref.finalize(self, _released, "execution context")
 
         def set_input_shape(self, name, shape):
-            spec = self.engine.io[name]
+            spec = self._engine._io[name]
             low, _, high = spec["profile"] or [spec["shape"]] * 3
             if len(shape) != len(low) or not all(
                 lo <= s <= hi for s, lo, hi in zip(shape, low, high, strict=True)
             ):
-                self.engine.logger.log(Severity.ERROR, f"{name}: shape {tuple(shape)} is outside the profile")
+                self._engine._logger.log(
+                    Severity.ERROR, f"{name}: shape {tuple(shape)} is outside the profile"
+                )
                 return False
-            self.shapes[name] = tuple(shape)
+            if self._shapes.get(name) != tuple(shape):
+                self._ran_since_shape_change = False
+            self._shapes[name] = tuple(shape)
             return True
 
-        def set_tensor_address(self, name, ptr):
-            self.addresses[name] = ptr
+        def set_tensor_address(self, name, memory):
+            if memory % ALIGNMENT:
+                self._engine._logger.log(
+                    Severity.ERROR, f"{name}: address {memory:#x} is not 256-byte aligned"
+                )
+                return False
+            self._addresses[name] = memory
             return True
 
         def get_tensor_shape(self, name):
-            spec = self.engine.io[name]
+            spec = self._engine._io[name]
             if spec["mode"] == "INPUT":
-                return self.shapes.get(name, tuple(spec["shape"]))
-            batch = self.shapes[self.engine.inputs[0]][0] if self.engine.inputs[0] in self.shapes else -1
+                return self._shapes.get(name, tuple(spec["shape"]))
+            first = self._engine._inputs[0]
+            batch = self._shapes[first][0] if first in self._shapes else -1
             return (batch, *spec["shape"][1:])
 
         def execute_async_v3(self, stream_handle):
-            sample_name, timestep_name = self.engine.inputs
-            if set(self.addresses) != set(self.engine.io) or set(self.shapes) != set(self.engine.inputs):
-                self.engine.logger.log(Severity.ERROR, "enqueueV3: not every address and input shape is set")
+            engine = self._engine
+            sample_name, timestep_name = engine._inputs
+            if set(self._addresses) != set(engine._io) or set(self._shapes) != set(engine._inputs):
+                engine._logger.log(Severity.ERROR, "enqueueV3: not every address and input shape is set")
                 return False
-            shape = self.shapes[sample_name]
-            out_name = self.engine.outputs[0]
-            out_shape = (shape[0], *self.engine.io[out_name]["shape"][1:])
-            t_dtype = trt.nptype(trt.DataType[self.engine.io[timestep_name]["dtype"]])
-            addresses = dict(self.addresses)
-            self.executions += 1
+            stream = gpu.streams.get(int(stream_handle))
+            if stream is None or stream.device != gpu.current_device:
+                engine._logger.log(Severity.ERROR, "enqueueV3: the stream is not on the current device")
+                return False
+            if stream.capture is not None and not self._ran_since_shape_change:
+                stream.capture_invalid = True
+                engine._logger.log(
+                    Severity.ERROR,
+                    "enqueueV3 inside a graph capture needs one enqueue outside it after a shape change",
+                )
+                return False
+            if stream.capture is None:
+                self._ran_since_shape_change = True
+            shape = self._shapes[sample_name]
+            out_name = engine._outputs[0]
+            out_shape = (shape[0], *engine._io[out_name]["shape"][1:])
+            dtypes = {name: trt.nptype(trt.DataType[spec["dtype"]]) for name, spec in engine._io.items()}
+            addresses = dict(self._addresses)
+            self._executions += 1
 
             def run():
-                x = gpu.view(addresses[sample_name], int(np.prod(shape)), np.float32).reshape(shape)
-                t = gpu.view(addresses[timestep_name], shape[0], t_dtype)
-                result = fake_unet(x, t)
-                gpu.view(addresses[out_name], int(np.prod(out_shape)), np.float32)[:] = result.reshape(-1)
+                x = gpu.view(addresses[sample_name], int(np.prod(shape)), dtypes[sample_name]).reshape(shape)
+                t = gpu.view(addresses[timestep_name], shape[0], dtypes[timestep_name])
+                result = fake_unet(x, t) + np.asarray(engine._plan["engine_error"], x.dtype)
+                out = gpu.view(addresses[out_name], int(np.prod(out_shape)), dtypes[out_name])
+                out[:] = result.reshape(-1)
 
             gpu.enqueue(stream_handle, "engine", run)
             return True
 
-    class CudaEngine:
+    def _released(what):
+        if gpu.pending():
+            gpu.violations.append(f"{what} released while its stream still had work queued")
+
+    class ICudaEngine:
         def __init__(self, plan, logger):
-            self.logger = logger
-            self.io = {spec["name"]: spec for spec in plan["io"]}
-            self.names = [spec["name"] for spec in plan["io"]]
-            self.inputs = [spec["name"] for spec in plan["io"] if spec["mode"] == "INPUT"]
-            self.outputs = [spec["name"] for spec in plan["io"] if spec["mode"] == "OUTPUT"]
+            self._plan, self._logger = plan, logger
+            self._io = {spec["name"]: spec for spec in plan["io"]}
+            self._names = [spec["name"] for spec in plan["io"]]
+            self._inputs = [spec["name"] for spec in plan["io"] if spec["mode"] == "INPUT"]
+            self._outputs = [spec["name"] for spec in plan["io"] if spec["mode"] == "OUTPUT"]
+            weakref.finalize(self, _released, "engine")
 
         @property
         def num_io_tensors(self):
-            return len(self.names)
+            return len(self._names)
 
-        def get_tensor_name(self, i):
-            return self.names[i]
+        def get_tensor_name(self, index):
+            return self._names[index]
 
         def get_tensor_mode(self, name):
-            return trt.TensorIOMode[self.io[name]["mode"]]
+            return trt.TensorIOMode[self._io[name]["mode"]]
 
         def get_tensor_dtype(self, name):
-            return trt.DataType[self.io[name]["dtype"]]
+            return trt.DataType[self._io[name]["dtype"]]
 
         def get_tensor_shape(self, name):
-            return tuple(self.io[name]["shape"])
+            return tuple(self._io[name]["shape"])
 
         def get_tensor_profile_shape(self, name, profile_index):
-            return [tuple(s) for s in self.io[name]["profile"]]
+            return [tuple(s) for s in self._io[name]["profile"]]
 
-        def create_execution_context(self):
-            return ExecutionContext(self)
+        def create_execution_context(self, strategy=None):
+            return IExecutionContext(self)
 
     class Runtime:
         def __init__(self, logger):
-            self.logger = logger
+            start_cuda(logger)
+            self._logger = logger
             self.engine_host_code_allowed = False
 
-        def deserialize_cuda_engine(self, data):
+        def deserialize_cuda_engine(self, serialized_engine):
+            log = self._logger.log
             try:
-                plan = json.loads(bytes(data))
+                plan = json.loads(bytes(serialized_engine))
             except ValueError:
-                self.logger.log(Severity.ERROR, "Serialization assertion: magic tag does not match")
+                log(Severity.ERROR, "Serialization assertion: magic tag does not match")
                 return None
             if plan.get("fake_plan") != version:
-                self.logger.log(Severity.ERROR, f"plan built by {plan.get('fake_plan')}, this is {version}")
+                log(Severity.ERROR, f"plan built by {plan.get('fake_plan')}, this is {version}")
                 return None
-            return CudaEngine(plan, self.logger)
+            if plan["version_compatible"] and not self.engine_host_code_allowed:
+                log(Severity.ERROR, "the plan has host code (version compatible); engine_host_code_allowed")
+                return None
+            if not plan["hardware_compat"] and tuple(plan["cc"]) != gpu.compute_capability:
+                log(
+                    Severity.ERROR,
+                    f"the plan is for sm {plan['cc']}, this device is {gpu.compute_capability}",
+                )
+                return None
+            return ICudaEngine(plan, self._logger)
 
     trt.OnnxParser, trt.Builder, trt.Runtime = OnnxParser, Builder, Runtime
+    trt.IBuilderConfig, trt.INetworkDefinition, trt.ITensor, trt.ParserError = (
+        IBuilderConfig,
+        INetworkDefinition,
+        ITensor,
+        ParserError,
+    )
+    trt.ICudaEngine, trt.IExecutionContext = ICudaEngine, IExecutionContext
+    trt.IOptimizationProfile, trt.ITimingCache = IOptimizationProfile, ITimingCache
     return trt
 
 
@@ -760,8 +1046,46 @@ def fake_pycuda(gpu: FakeGpu) -> tuple[types.ModuleType, types.ModuleType]:
 # -- a bundle for the fakes ----------------------------------------------------------------------------------
 
 
-def write_fake_bundle(directory, batch=(1, 2, 4), precision="fp32", channels=1, size=8, **onnx_extra):
-    """dtk.json plus a 'unet.onnx' the fake parser reads (JSON naming the graph's inputs and outputs)."""
+def fake_onnx(batch_dim, image: list[int], dtype: str = "float32", **fake) -> bytes:
+    """A real ONNX graph computing `fake_unet` (so ONNX Runtime agrees with the fake engine); `fake` settings
+    (parser `errors`, a `build_error`, an `engine_error` the engine adds) ride in its metadata."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    elem = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT
+    np_type = np.float16 if dtype == "float16" else np.float32
+    dims = [batch_dim, *image]
+
+    def const(name, value, shape=()):
+        return numpy_helper.from_array(np.array(value, dtype=np_type).reshape(shape), name)
+
+    shape4 = numpy_helper.from_array(np.array([-1, 1, 1, 1], dtype=np.int64), "shape4")
+    nodes = [
+        helper.make_node("Mul", ["sample", "half"], ["scaled"]),
+        helper.make_node("Reshape", ["timestep", "shape4"], ["t4"]),
+        helper.make_node("Mul", ["t4", "milli"], ["t_scaled"]),
+        helper.make_node("Add", ["scaled", "t_scaled"], ["summed"]),
+        helper.make_node("Sub", ["summed", "tenth"], ["model_output"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fake_unet",
+        [
+            helper.make_tensor_value_info("sample", elem, dims),
+            helper.make_tensor_value_info("timestep", elem, [batch_dim]),
+        ],
+        [helper.make_tensor_value_info("model_output", elem, dims)],
+        [const("half", 0.5), const("milli", 1e-3), const("tenth", 0.1), shape4],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    helper.set_model_props(model, {"dtk_fake": json.dumps(fake)})
+    return model.SerializeToString()
+
+
+def write_fake_bundle(
+    directory, batch=(1, 2, 4), precision="fp32", channels=1, size=8, io_dtype="float32", **fake
+):
+    """dtk.json plus a unet.onnx computing `fake_unet`, which both the fake parser and ONNX Runtime read."""
     from pathlib import Path
 
     from dtk.runtime.manifest import Manifest, TensorSpec
@@ -777,21 +1101,38 @@ def write_fake_bundle(directory, batch=(1, 2, 4), precision="fp32", channels=1, 
         image_size=(size, size),
         in_channels=channels,
         out_channels=channels,
-        inputs=[TensorSpec("sample", "float32", [dim, *image]), TensorSpec("timestep", "float32", [dim])],
-        outputs=[TensorSpec("model_output", "float32", [dim, *image])],
+        inputs=[TensorSpec("sample", io_dtype, [dim, *image]), TensorSpec("timestep", io_dtype, [dim])],
+        outputs=[TensorSpec("model_output", io_dtype, [dim, *image])],
         batch={"min": low, "opt": opt, "max": high},
         diffusion=config,
         betas=config.betas,
         precision=precision,
     ).save(directory)
-    onnx_dim = low if low == high else -1
-    graph = {
-        "inputs": [
-            {"name": "sample", "shape": [onnx_dim, *image]},
-            {"name": "timestep", "shape": [onnx_dim]},
-        ],
-        "outputs": [{"name": "model_output", "shape": [onnx_dim, *image]}],
-        **onnx_extra,
-    }
-    (directory / "unet.onnx").write_text(json.dumps(graph))
+    (directory / "unet.onnx").write_bytes(fake_onnx(dim, image, io_dtype, **fake))
     return directory
+
+
+# -- wiring the fakes in -------------------------------------------------------------------------------------
+
+
+def install(monkeypatch, gpu: FakeGpu, version: str = "10.3.0") -> types.ModuleType:
+    """dtk's cuda-python calls go to `gpu`, `import tensorrt` gives a fake TensorRT `version` on it."""
+    import sys
+
+    from dtk.runtime.backends import cuda
+
+    monkeypatch.setattr(cuda, "_load_bindings", lambda: cuda.Bindings(gpu.runtime, gpu.driver, gpu.nvrtc))
+    monkeypatch.setattr(cuda, "_COMPILED", {})
+    trt = fake_tensorrt(gpu, version)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    return trt
+
+
+def plan_file(tmp_path, batch=(1, 2, 4), verify=False, bundle_options=None, **options):
+    """A fake bundle built into a plan with EngineOptions(**options): (plan path, manifest)."""
+    from dtk.export.tensorrt import EngineOptions, build_engine
+    from dtk.runtime.manifest import load_manifest
+
+    bundle = write_fake_bundle(tmp_path / "bundle", batch=batch, **(bundle_options or {}))
+    plan = build_engine(bundle, EngineOptions(verify=verify, **options), progress=False)
+    return plan, load_manifest(bundle)

@@ -97,3 +97,19 @@ def test_step_noise_drawn_ahead_equals_one_draw_per_step(monkeypatch):
         for step in drawn:
             np.testing.assert_array_equal(step[k], generator.standard_normal(shape, dtype=np.float32))
     assert all(step.flags.c_contiguous and step.shape == (2, *shape) for step in drawn)
+
+
+def test_per_image_seeds_draw_what_each_seed_gives_alone():
+    seeds = [4, 0, 4, 11]
+    batch = NoiseSource.per_image(seeds)
+    x = batch.initial(4, SHAPE)
+    steps = [batch.step(4, SHAPE) for _ in range(3)]
+    for k, seed in enumerate(seeds):
+        alone = NoiseSource(seed)
+        np.testing.assert_array_equal(x[k], alone.initial(1, SHAPE)[0])
+        for step in steps:
+            np.testing.assert_array_equal(step[k], alone.step(1, SHAPE)[0])
+    with pytest.raises(ValueError, match="for 4 per-image seeds"):
+        NoiseSource.per_image(seeds).initial(3, SHAPE)
+    with pytest.raises(ValueError, match="non-negative"):
+        NoiseSource.per_image([1, -2])

@@ -255,3 +255,22 @@ def test_cuda_chain_matches_cpu(toy_path):
                 denoiser.run_chain(plan, source.initial(4, CHW), lambda i, s=source: s.step(4, CHW))
             )
     np.testing.assert_allclose(results[1], results[0], atol=1e-4)
+
+
+def test_the_update_session_takes_the_cuda_ep_where_the_tensorrt_ep_was():
+    """providers tensorrt (or tensorrt,cpu): without the CUDA EP the update would run on the CPU and copy the
+    sample device→host→device every step."""
+    from dtk.runtime.backends.onnxruntime import update_providers
+
+    trt = ("TensorrtExecutionProvider", {"device_id": 1, "trt_engine_cache_enable": True})
+    cpu = ("CPUExecutionProvider", {})
+    cuda = ("CUDAExecutionProvider", {"device_id": 1})
+    gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert update_providers([trt], gpu_build, 1) == [cuda]
+    assert update_providers([trt, cpu], gpu_build, 1) == [cuda, cpu]
+    assert update_providers([trt, ("CUDAExecutionProvider", {"device_id": 1}), cpu], gpu_build, 1) == [
+        cuda,
+        cpu,
+    ]
+    assert update_providers([trt, cpu], ["TensorrtExecutionProvider", "CPUExecutionProvider"], 1) == [cpu]
+    assert update_providers([cpu], gpu_build, 0) == [cpu]

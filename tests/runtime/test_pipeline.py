@@ -62,7 +62,7 @@ def reference_latents(manifest, num, steps, sampler, seed):
 @pytest.mark.parametrize("batch_size", [1, 2, 5])
 def test_chunking_does_not_change_the_images(manifest, batch_size):
     pipe = fake_pipeline(manifest, 1, 8)
-    latents = pipe.sample_latents(num=5, steps=6, sampler="ddpm", seed=7, batch_size=batch_size)
+    latents = pipe.sample_latents(num=5, steps=6, sampler="ddpm", seed=7, max_batch=batch_size)
     assert latents.shape == (5, 1, 16, 16) and latents.dtype == np.float32
     np.testing.assert_allclose(latents, reference_latents(manifest, 5, 6, "ddpm", 7), atol=1e-6)
     expected_batches = [min(batch_size, 5 - k) for k in range(0, 5, batch_size)]
@@ -84,7 +84,7 @@ def test_fixed_batch_pads_the_last_chunk(manifest):
 
 def test_minimum_batch_pads_a_small_chunk(manifest):
     pipe = fake_pipeline(manifest, 2, 8)
-    assert pipe.chunks(3, batch_size=2) == [(0, 2, 2), (2, 1, 2)]
+    assert pipe.chunks(3, max_batch=2) == [(0, 2, 2), (2, 1, 2)]
     latents = pipe.sample_latents(num=1, steps=3, sampler="dpmpp-2m", seed=0)
     assert latents.shape == (1, 1, 16, 16) and pipe.denoiser.batches == [2, 2, 2]
     np.testing.assert_allclose(latents, reference_latents(manifest, 2, 3, "dpmpp-2m", 0)[:1], atol=1e-6)
@@ -126,7 +126,7 @@ def test_run_chain_is_used_when_the_denoiser_has_one(manifest):
     ("kwargs", "message"),
     [
         ({"num": 0}, "num must be at least 1"),
-        ({"batch_size": 9}, r"batch size 9 is outside the model's batch range \(1..8\)"),
+        ({"max_batch": 9}, r"batch size 9 is outside the model's batch range \(1..8\)"),
         ({"sampler": "euler-ancestral"}, "unknown sampler 'euler-ancestral'"),
         ({"steps": 0}, "steps must be between 1"),
         ({"seed": -1}, "seed must be a non-negative integer"),
@@ -135,6 +135,26 @@ def test_run_chain_is_used_when_the_denoiser_has_one(manifest):
 def test_bad_arguments_are_clear_errors(manifest, kwargs, message):
     with pytest.raises(DtkError, match=message):
         fake_pipeline(manifest, 1, 8).sample(**{"num": 2, "steps": 3, **kwargs})
+
+
+def test_per_image_seeds_give_each_seeds_own_image(manifest):
+    """A server's batch: one run over requests with their own seeds, each image what `num=1, seed=s` makes."""
+    seeds = [9, 2, 9, 0, 31]
+    pipe = fake_pipeline(manifest, 1, 4)
+    latents = pipe.sample_latents(steps=5, sampler="ddpm", seeds=seeds)
+    assert pipe.denoiser.batches == [4] * 5 + [1] * 5  # chunked at the model's max batch
+    for k, seed in enumerate(seeds):
+        np.testing.assert_array_equal(
+            latents[k], pipe.sample_latents(num=1, steps=5, sampler="ddpm", seed=seed)[0]
+        )
+    padded = fake_pipeline(manifest, 4, 4)  # a fixed-batch model pads the run: the padding is dropped
+    images = padded.sample(steps=3, sampler="ddim", seeds=[5, 6])
+    assert images.shape == (2, 16, 16, 1) and padded.denoiser.batches == [4, 4, 4]
+    np.testing.assert_array_equal(images[1], padded.sample(num=1, steps=3, sampler="ddim", seed=6)[0])
+    with pytest.raises(DtkError, match="seed must be a non-negative integer, got -1"):
+        pipe.sample(seeds=[1, -1])
+    with pytest.raises(DtkError, match="num must be at least 1"):
+        pipe.sample(seeds=[])
 
 
 def test_close_and_context_manager(manifest):
@@ -150,13 +170,24 @@ def test_load_bundle_onnx_and_same_images(tiny_bundle):
     with Pipeline.load(tiny_bundle, threads=1) as pipe:
         assert pipe.backend == "onnxruntime" and pipe.denoiser.batch_range == (1, 4)
         images = pipe.sample(num=3, steps=5, sampler="ddpm", seed=11)
-        latents = pipe.sample_latents(num=3, steps=5, sampler="ddpm", seed=11, batch_size=1)
+        latents = pipe.sample_latents(num=3, steps=5, sampler="ddpm", seed=11, max_batch=1)
     assert images.shape == (3, 16, 16, 1) and images.dtype == np.uint8
     assert images.std() > 10  # not a blank image
     with Pipeline.load(tiny_bundle / "unet.onnx", backend="onnxruntime", threads=1) as pipe:
         again = pipe.sample_latents(num=3, steps=5, sampler="ddpm", seed=11)
     np.testing.assert_allclose(again, latents, atol=1e-4)  # batch 3 at once vs three batches of 1
     assert not np.allclose(latents[0], latents[1])  # every image has its own noise
+
+
+def test_per_image_seeds_on_onnxruntime_are_the_single_images_byte_for_byte(tiny_bundle):
+    """What dtk_sampler serves: a batched run over request seeds equals one `num=1` call per seed, exactly."""
+    seeds = [3, 0, 8, 3]
+    with Pipeline.load(tiny_bundle, threads=1) as pipe:
+        for sampler, steps in (("ddim", 4), ("ddpm", 5)):
+            batched = pipe.sample(steps=steps, sampler=sampler, seeds=seeds)
+            alone = [pipe.sample(num=1, steps=steps, sampler=sampler, seed=s)[0] for s in seeds]
+            assert all(np.array_equal(batched[k], alone[k]) for k in range(len(seeds))), sampler
+    assert not np.array_equal(batched[0], batched[1])
 
 
 def test_load_errors(tiny_bundle, tmp_path):

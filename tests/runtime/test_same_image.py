@@ -31,7 +31,7 @@ def test_runtime_gives_the_reference_image(checkpoint, tiny_bundle, sampler):
     reference = sample_checkpoint(checkpoint, batch_size=4, device="cpu", progress=False, **settings)
     with Pipeline.load(tiny_bundle, threads=1) as pipe:
         images = pipe.sample(**settings)
-        latents = pipe.sample_latents(batch_size=3, **settings)  # another split, the same images
+        latents = pipe.sample_latents(max_batch=3, **settings)  # another split, the same images
     assert np.abs(images.astype(np.int16) - to_uint8(reference)).max() <= MAX_PIXEL_DIFF
     assert np.abs(images.astype(np.int16) - to_uint8(latents)).max() <= 1
     # A random-weight network is no denoiser: its samples overshoot [-1, 1] and most pixels saturate, where

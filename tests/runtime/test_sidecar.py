@@ -144,3 +144,72 @@ def test_current_target_without_tensorrt_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(DtkError, match=r"TensorRT is not installed .*pip install dtk\[tensorrt\].*JetPack 6"):
         current_target()
+
+
+def test_a_gpu_is_its_name_compute_capability_and_sm_count():
+    """Orin modules share one name: the SM count tells an Orin NX 8 GB plan from an AGX Orin's."""
+    sidecar = _sidecar(gpu_name="Orin", sm_count=8, integrated=True, platform="linux_aarch64")
+    same = Target("10.3.0", "Orin", (8, 7), 8, True, "linux_aarch64")
+    agx = Target("10.3.0", "Orin", (8, 7), 16, True, "linux_aarch64")
+    assert compatibility_problems(sidecar, same) == []
+    (problem,) = compatibility_problems(sidecar, agx)
+    assert "built on Orin with 8 SMs, this one has 16" in problem
+    assert compatibility_problems(_sidecar(), agx) == []  # schema-1 sidecars carry no SM count
+
+
+def test_hardware_compatible_plans_are_refused_on_jetson_and_across_platforms():
+    built = _sidecar(
+        hardware_compat="ampere+", gpu_name="NVIDIA A100", compute_capability=(8, 0), sm_count=108,
+        integrated=False, platform="linux_x86_64",
+    )  # fmt: skip
+    (problem,) = compatibility_problems(built, Target("10.3.0", "Orin", (8, 7), 16, True, "linux_x86_64"))
+    assert "not support on integrated GPUs such as Orin (Jetson)" in problem
+    (problem,) = compatibility_problems(
+        built, Target("10.3.0", "NVIDIA GH200", (9, 0), 132, False, "linux_aarch64")
+    )
+    assert problem == "built on linux_x86_64, this machine is linux_aarch64"
+    assert (
+        compatibility_problems(built, Target("10.3.0", "NVIDIA H200", (9, 0), 132, False, "linux_x86_64"))
+        == []
+    )
+    from_jetson = _sidecar(hardware_compat="ampere+", integrated=True)
+    (problem,) = compatibility_problems(from_jetson, Target("10.3.0", "NVIDIA H200", (9, 0), 132, False))
+    assert "integrated GPUs such as Orin" in problem
+
+
+def test_schema_2_fields_round_trip_and_schema_1_still_loads(tmp_path):
+    plan = tmp_path / "unet.plan"
+    sidecar = _sidecar(
+        architecture="Ampere", integrated=True, sm_count=8, platform="linux_aarch64",
+        parity={"passed": True, "cases": []},
+    )  # fmt: skip
+    sidecar.save(plan)
+    data = json.loads(sidecar_path(plan).read_text())
+    assert data["schema_version"] == 2 and data["sm_count"] == 8 and data["integrated"] is True
+    assert load_sidecar(plan) == sidecar
+    old = {
+        k: v
+        for k, v in data.items()
+        if k not in ("architecture", "integrated", "sm_count", "platform", "parity")
+    }
+    sidecar_path(plan).write_text(json.dumps({**old, "schema_version": 1}))
+    loaded = load_sidecar(plan)
+    assert (loaded.sm_count, loaded.integrated, loaded.platform, loaded.parity) == (None, None, "", {})
+
+
+def test_the_engine_matching_this_machine_is_picked_and_named(tmp_path):
+    from dtk.runtime.sidecar import bundle_plans, pick_plan
+
+    for name, gpu, cc in (("unet.plan", "NVIDIA H200", (9, 0)), ("unet-orin-nx-fp16.plan", "Orin", (8, 7))):
+        (tmp_path / name).write_bytes(b"plan")
+        _sidecar(gpu_name=gpu, compute_capability=cc).save(tmp_path / name)
+    (tmp_path / "unet-stray.plan").write_bytes(b"no sidecar")
+    plans = bundle_plans(tmp_path, "unet.plan")
+    assert [p.name for p in plans] == ["unet.plan", "unet-orin-nx-fp16.plan"]
+    plan, line = pick_plan(plans, ORIN)
+    assert plan.name == "unet-orin-nx-fp16.plan"
+    assert line == "using engine unet-orin-nx-fp16.plan of 2: built for Orin (sm_87), fp16, TensorRT 10.3.0"
+    with pytest.raises(
+        DtkError, match=r"no engine here runs on this machine \(unet\.plan: built for NVIDIA H200"
+    ):
+        pick_plan(plans, Target("10.3.0", "Tesla T4", (7, 5)))

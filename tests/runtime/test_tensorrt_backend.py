@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from dtk.runtime.errors import DtkError
-from dtk.runtime.manifest import load_manifest
 from dtk.runtime.samplers import SamplerPlan, sample_loop
 
 
@@ -33,13 +32,7 @@ def _fakes():
 
 
 def _install(monkeypatch, gpu, version="10.3.0"):
-    from dtk.runtime.backends import cuda
-
-    monkeypatch.setattr(cuda, "_load_bindings", lambda: cuda.Bindings(gpu.runtime, gpu.driver, gpu.nvrtc))
-    monkeypatch.setattr(cuda, "_COMPILED", {})
-    trt = _fakes().fake_tensorrt(gpu, version)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    return trt
+    return _fakes().install(monkeypatch, gpu, version)
 
 
 @pytest.fixture
@@ -50,10 +43,8 @@ def gpu(monkeypatch):
 
 
 def _plan_file(tmp_path, batch=(1, 2, 4), channels=1, size=8, **options):
-    from dtk.export.tensorrt import EngineOptions, build_engine
-
-    bundle = _fakes().write_fake_bundle(tmp_path / "bundle", batch=batch, channels=channels, size=size)
-    return build_engine(bundle, EngineOptions(**options), progress=False), load_manifest(bundle)
+    bundle_options = {"channels": channels, "size": size}
+    return _fakes().plan_file(tmp_path, batch, bundle_options=bundle_options, **options)
 
 
 def _denoiser(tmp_path, **kwargs):
@@ -92,8 +83,8 @@ def test_call_matches_the_engine_with_buffers_for_the_largest_batch(tmp_path, gp
         assert sizes == sorted([4 * 64 * 4, 4 * 4, 4 * 64 * 4])
         assert gpu.live() == {"device": 3, "pinned": 3, "streams": 1}
         context = denoiser._context
-        assert set(context.addresses) == {"sample", "timestep", "model_output"}
-        assert all(gpu.region(ptr, 4, "device") for ptr in context.addresses.values())
+        assert set(context._addresses) == {"sample", "timestep", "model_output"}
+        assert all(gpu.region(ptr, 4, "device") for ptr in context._addresses.values())
 
         rng = np.random.default_rng(0)
         for batch in (3, 1, 4):
@@ -102,7 +93,7 @@ def test_call_matches_the_engine_with_buffers_for_the_largest_batch(tmp_path, gp
             out = denoiser(x, t)
             assert out.dtype == np.float32 and out.shape == (batch, 1, 8, 8)
             np.testing.assert_array_equal(out, _fakes().fake_unet(x, t))
-        assert context.shapes["sample"] == (4, 1, 8, 8)
+        assert context._shapes["sample"] == (4, 1, 8, 8)
         assert gpu.live() == {"device": 3, "pinned": 3, "streams": 1}  # allocated once
 
 
@@ -175,9 +166,10 @@ def test_a_cuda_graph_is_captured_once_per_batch_and_replayed(tmp_path, gpu):
             got = denoiser.run_chain(plan, x, table.__getitem__)
             np.testing.assert_allclose(got, _host_chain(plan, x, table), rtol=1e-6, atol=1e-6)
             assert gpu.live()["graphs"] == gpu.live()["graph_execs"] == 1
-        # the kernel was put on the stream once per capture (batch 2, then batch 3): replays reuse it
-        assert [launch["n"] for launch in gpu.launches] == [2 * 64, 3 * 64]
-        assert gpu.log.count("update") == 3 * plan.steps
+        # per capture (batch 2, then batch 3) one eager launch over no elements loads the kernel outside the
+        # capture, then the captured one: replays reuse it
+        assert [launch["n"] for launch in gpu.launches] == [0, 2 * 64, 0, 3 * 64]
+        assert gpu.log.count("update") == 3 * plan.steps + 2  # + the two eager launches
 
 
 def test_device_call_runs_the_engine_on_resident_buffers(tmp_path, gpu):
@@ -190,7 +182,7 @@ def test_device_call_runs_the_engine_on_resident_buffers(tmp_path, gpu):
             for _ in range(3):
                 call()
             assert gpu.log == ["engine"] * 3  # no copies
-            output = gpu.view(denoiser._context.addresses["model_output"], 3 * 64, np.float32)
+            output = gpu.view(denoiser._context._addresses["model_output"], 3 * 64, np.float32)
             np.testing.assert_array_equal(output, _fakes().fake_unet(x, np.full(3, 5.0)).reshape(-1))
 
 

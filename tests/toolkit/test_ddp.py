@@ -24,7 +24,7 @@ def test_two_process_gloo_training(tmp_path):
     # the weights are compared across ranks at every save (step 2 and the end); a mismatch fails the run
     assert "2 ranks in sync" in run.stdout
     assert run.stdout.count("training tiny U-Net") == 1  # only rank 0 reports
-    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "samples_000003.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["log.csv", "loss.png", "model.pt", "samples_000003.png"]
     ckpt = load_checkpoint(out / "model.pt")
     assert ckpt.step == 3 and ckpt.train_state["world_size"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt.model_state.values())

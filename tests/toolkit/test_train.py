@@ -43,6 +43,8 @@ def test_short_run_writes_checkpoint_and_sample_grids(tmp_path):
     path = train(config)
     assert path == tmp_path / "run" / "model.pt"
     assert sorted(p.name for p in path.parent.iterdir()) == [
+        "log.csv",
+        "loss.png",
         "model.pt",
         "samples_000002.png",
         "samples_000004.png",
@@ -119,7 +121,7 @@ def test_precision_choice_on_cpu():
 def test_resume_refuses_a_different_model_or_a_finished_run(tmp_path):
     train(_config(tmp_path, steps=2))
     with pytest.raises(
-        DtkError, match=r"cannot resume: the U-Net config differs \(base_channels: 8 in the checkpoint"
+        DtkError, match=r"cannot resume with different settings: --base-channels 16 \(the run has 8\)"
     ):
         train(_config(tmp_path, steps=4, resume=True, base_channels=16))
     with pytest.raises(DtkError, match="already trained for 2 steps; pass --steps above 2"):
@@ -194,7 +196,7 @@ def test_cli_trains_and_reports_errors_in_one_line(tmp_path, capsys):
     ckpt = load_checkpoint(out / "model.pt")
     assert ckpt.model_config.channel_mults == (1, 2) and ckpt.model_config.attention_resolutions == ()
     capsys.readouterr()
-    assert main(["train", "--dataset", str(tmp_path / "nowhere"), "--out", str(out)]) == 1
+    assert main(["train", "--dataset", str(tmp_path / "nowhere"), "--out", str(tmp_path / "other")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "nowhere: no such dataset folder" in err and "Traceback" not in err
     assert main(["train", "--channel-mults", "1,x"]) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 import click
@@ -17,6 +18,8 @@ COMMANDS = {
     "build-engine": ("build_engine", "Build unet.plan for a bundle with TensorRT."),
     "inspect": ("inspect", "Describe a checkpoint, bundle, .onnx or .plan."),
     "bench": ("bench", "Measure denoiser latency and end-to-end sampling, trtexec style."),
+    "triton": ("triton", "Write a Triton Inference Server repository for a bundle."),
+    "serve": ("serve", "Serve a bundle on a local Triton Inference Server (whole-image requests)."),
 }
 
 
@@ -45,29 +48,80 @@ def cli(ctx, debug):
     ctx.obj = {"debug": debug}
 
 
+# a module a command needs → the extra that installs it
+EXTRAS = {
+    "torch": "train",
+    "sklearn": "train",
+    "onnx": "export",
+    "onnxscript": "export",
+    "onnxslim": "export",
+    "onnxruntime": "runtime",
+    "tensorrt": "tensorrt",
+    "cuda": "tensorrt",
+    "matplotlib": "bench",
+}
+
+
 def main(argv=None) -> int:
-    """Console entry point: a DtkError becomes one line on stderr and a non-zero exit."""
-    from dtk.runtime.errors import DtkError
+    """Console entry point: a DtkError, an OSError or a missing extra becomes one line on stderr and a
+    non-zero exit; Ctrl-C and SIGTERM exit 130."""
+    from dtk.runtime.errors import DtkError, one_line, os_error
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    previous = _sigterm_as_interrupt()
     try:
-        cli.main(args=argv, prog_name="dtk", standalone_mode=False)
+        # not cli.main(): it turns KeyboardInterrupt into Abort ("aborted") after printing a blank line
+        with cli.make_context("dtk", argv) as ctx:
+            cli.invoke(ctx)
+    except click.exceptions.Exit as e:  # --help, --version
+        return e.exit_code
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
     except click.ClickException as e:
         e.show()
         return e.exit_code
-    except DtkError as e:
+    except (DtkError, OSError, ModuleNotFoundError) as e:
         if debug:
             raise
-        click.echo(f"error: {e}", err=True)
+        if isinstance(e, ModuleNotFoundError):
+            e = missing_extra(e)
+        elif isinstance(e, OSError):
+            e = os_error(e)
+        click.echo(f"error: {one_line(str(e))}", err=True)
         return e.exit_code
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def missing_extra(error: ModuleNotFoundError):
+    """`No module named 'torch'` → a DtkError naming the pip extra that installs it."""
+    from dtk.runtime.errors import DtkError
+
+    root = (error.name or "").split(".")[0]
+    extra = EXTRAS.get(root)
+    if extra is None:
+        return DtkError(f"{error} (a broken install? reinstall dtk)")
+    return DtkError(f"this needs {root}, which is not installed: pip install 'dtk[{extra}]'")
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM (docker stop, kill) raises KeyboardInterrupt like Ctrl-C, so cleanup runs and dtk exits 130.
+    Returns the previous handler, or None where signals cannot be set (not the main thread)."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:
+        return None
 
 
 def run() -> None:

@@ -267,8 +267,20 @@ def resolve_inputs(opts: BenchOptions) -> tuple[Path | None, str]:
 
 
 def _given_path(opts: BenchOptions) -> Path | None:
-    """The one of BUNDLE, --engine and --onnx given, or None."""
-    given = [p for p in (opts.source, opts.engine, opts.onnx) if p is not None]
+    """The one of BUNDLE, --engine and --onnx given, or None. A checkpoint or run folder given as BUNDLE is
+    pointed to --checkpoint; a run folder as --checkpoint is its model.pt."""
+    from dtk.runs import checkpoint_or_run, run_checkpoint
+
+    if opts.checkpoint is not None:
+        opts.checkpoint = checkpoint_or_run(opts.checkpoint)
+    source = opts.source
+    if source is not None and (run_checkpoint(source) or (source.is_file() and source.suffix == ".pt")):
+        raise file_error(
+            source,
+            f"is a checkpoint, not a bundle: time PyTorch with `dtk bench --checkpoint {source}`, or export "
+            f"it first (dtk export {source} -o bundle/)",
+        )
+    given = [p for p in (source, opts.engine, opts.onnx) if p is not None]
     if len(given) > 1:
         raise DtkError("give one of BUNDLE, --engine and --onnx")
     return given[0] if given else None

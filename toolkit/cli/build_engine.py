@@ -17,18 +17,48 @@ from dtk.cli.engine_options import engine_options, engine_options_from_flags
     "int8 only from an int8 bundle.",
 )
 @engine_options()
+@click.option(
+    "--no-verify", is_flag=True, help="Skip comparing the engine with ONNX Runtime (not recommended)."
+)
+@click.option(
+    "--atol",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Engine check: absolute tolerance per output element [fp32 2e-4, fp16 2e-2].",
+)
+@click.option(
+    "--rtol",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Engine check: relative tolerance per output element [fp32 1e-3, fp16 2e-2].",
+)
+@click.option(
+    "--chain-atol",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Engine check: bound on the 20-step chain's final |Δ| per max(1, |sample|) [fp32 1e-3, fp16 1e-1].",
+)
 @click.option("--verbose", is_flag=True, help="Show TensorRT's whole log.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def command(bundle, precision, verbose, no_progress, **engine_flags):
+def command(bundle, precision, no_verify, atol, rtol, chain_atol, verbose, no_progress, **engine_flags):
     """Build unet.plan (and its unet.plan.json sidecar) for BUNDLE with the installed TensorRT.
 
     Build on the machine that will run the engine: a plan only runs with the TensorRT version and on the GPU
     model it was built for, unless built --version-compat / --hardware-compat."""
+    from dtk.export.engine_check import EngineParityError
+    from dtk.export.parity import format_table, report_from_dict
     from dtk.export.tensorrt import build_engine
     from dtk.runtime.sidecar import load_sidecar
 
-    options = engine_options_from_flags(precision=precision, verbose=verbose, **engine_flags)
-    plan = build_engine(bundle, options, progress=not no_progress)
+    options = engine_options_from_flags(
+        precision=precision, verbose=verbose, verify=not no_verify, atol=atol, rtol=rtol,
+        chain_atol=chain_atol, **engine_flags,
+    )  # fmt: skip
+    try:
+        plan = build_engine(bundle, options, progress=not no_progress)
+    except EngineParityError as e:
+        click.echo(format_table(e.report), err=True)
+        raise
     sidecar = load_sidecar(plan)
     batch = next(iter(sidecar.profiles[0].values()))
     click.echo(
@@ -37,3 +67,7 @@ def command(bundle, precision, verbose, no_progress, **engine_flags):
         f"{', strongly typed' if sidecar.strongly_typed else ''}, "
         f"batch {batch['min'][0]}..{batch['max'][0]}, built in {sidecar.build.get('seconds', 0):.1f} s"
     )
+    if sidecar.parity:
+        click.echo(format_table(report_from_dict(sidecar.parity)))
+    else:
+        click.echo("warning: the engine was not compared with ONNX Runtime (--no-verify)", err=True)

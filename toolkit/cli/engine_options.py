@@ -19,6 +19,11 @@ _FLAGS = {
     "--version-compat": ({"is_flag": True}, "Let later TensorRT versions load the plan."),
     "--strongly-typed": ({"is_flag": True}, "Build strongly typed on TensorRT 10, as 11 always does."),
     "--device": ({"type": click.IntRange(min=0), "default": 0, "show_default": True}, "GPU to build on."),
+    "--engine-name": (
+        {"metavar": "NAME"},
+        "Write unet-NAME.plan beside the bundle's other engines (one per GPU model or precision, "
+        "e.g. orin-nx-fp16); the runtime takes the one whose sidecar matches the machine.",
+    ),
 }
 
 
@@ -31,7 +36,8 @@ def _prefixed(prefix: str, text: str) -> str:
 
 def engine_options(prefix: str = ""):
     """Decorator adding the engine flags to a click command; the command gets them as keyword arguments
-    (workspace, timing_cache, opt_level, hardware_compat, version_compat, strongly_typed, device).
+    (workspace, timing_cache, opt_level, hardware_compat, version_compat, strongly_typed, device,
+    engine_name).
     `prefix` starts each help text, e.g. "Engine: " where the command has other flags too."""
 
     def decorate(command):
@@ -51,12 +57,17 @@ def engine_options_from_flags(
     version_compat,
     strongly_typed,
     device,
+    engine_name=None,
     verbose=False,
+    **check,
 ):
-    """The engine flags (as click passes them) → dtk.export.tensorrt.EngineOptions."""
+    """The engine flags (as click passes them) → dtk.export.tensorrt.EngineOptions; `check`: verify, atol,
+    rtol, chain_atol (the engine check against ONNX Runtime)."""
     from dtk.export.tensorrt import EngineOptions
 
     return EngineOptions(
+        engine_name=engine_name,
+        **check,
         precision=precision,
         workspace=workspace,
         timing_cache=timing_cache,

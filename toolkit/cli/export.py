@@ -7,6 +7,7 @@ import time
 import click
 
 from dtk.cli.engine_options import engine_options, engine_options_from_flags
+from dtk.cli.serve_options import serve_options
 
 
 def parse_batch(value: str):
@@ -31,7 +32,13 @@ def parse_batch(value: str):
     metavar="DIR",
     default="bundle",
     show_default=True,
-    help="Bundle directory to write (an earlier bundle there is replaced; any other directory is refused).",
+    help="Bundle directory to write (an earlier bundle there is replaced; a directory holding anything else "
+    "is refused).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an earlier bundle even when it holds a TensorRT plan (unet.plan) built for it.",
 )
 @click.option(
     "--weights",
@@ -132,10 +139,10 @@ def parse_batch(value: str):
     "triton_dir",
     type=click.Path(file_okay=False, path_type=str),
     metavar="DIR",
-    help="Also write a Triton Inference Server model repository: DIR/<name>/config.pbtxt, "
-    "DIR/<name>/1/model.onnx (or model.plan).",
+    help="Also write a Triton Inference Server model repository: DIR/dtk_sampler (whole-image requests) "
+    "and DIR/<name>/config.pbtxt, DIR/<name>/1/model.onnx (or model.plan), the denoiser alone.",
 )
-@click.option("--triton-name", default="dtk_unet", show_default=True, help="Triton: model name.")
+@click.option("--triton-name", default="dtk_unet", show_default=True, help="Triton: denoiser model name.")
 @click.option(
     "--triton-model",
     type=click.Choice(["auto", "onnx", "plan"]),
@@ -148,20 +155,22 @@ def parse_batch(value: str):
     type=click.Choice(["gpu", "cpu"]),
     default="gpu",
     show_default=True,
-    help="Triton: instance_group kind.",
+    help="Triton: instance_group kind (both models).",
 )
 @click.option(
     "--triton-instances",
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Triton: instance_group count.",
+    help="Triton: instance_group count (both models).",
 )
 @click.option("--no-triton-warmup", is_flag=True, help="Triton: leave out the model_warmup request.")
+@serve_options
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def command(
     source,
     out,
+    force,
     weights,
     opset,
     batch,
@@ -184,6 +193,8 @@ def command(
     triton_kind,
     triton_instances,
     no_triton_warmup,
+    serve_steps,
+    serve_sampler,
     no_progress,
     **engine_flags,
 ):
@@ -217,7 +228,7 @@ def command(
     )
     start = time.perf_counter()
     try:
-        manifest = export_bundle(source, out, options, progress=not no_progress)
+        manifest = export_bundle(source, out, options, progress=not no_progress, force=force)
     except ParityError as e:
         click.echo(format_table(e.report))
         raise
@@ -243,11 +254,14 @@ def command(
     if engine:
         _build_engine(out, precision, engine_flags, not no_progress)
     if triton_dir:
-        from dtk.export.triton import TritonOptions, write_triton_repository
+        from dtk.export.triton import SamplerOptions, TritonOptions, write_serving_repository
 
-        model_dir = write_triton_repository(
+        sampler_dir, model_dir = write_serving_repository(
             out,
             triton_dir,
+            SamplerOptions(
+                steps=serve_steps, sampler=serve_sampler, kind=triton_kind, instances=triton_instances
+            ),
             TritonOptions(
                 name=triton_name,
                 model=triton_model,
@@ -256,6 +270,7 @@ def command(
                 warmup=not no_triton_warmup,
             ),
         )
+        click.echo(f"wrote Triton model {sampler_dir} (config.pbtxt, 1/model.py, 1/bundle)")
         click.echo(f"wrote Triton model {model_dir} (config.pbtxt, {next((model_dir / '1').iterdir()).name})")
 
 

@@ -12,11 +12,15 @@ import click
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 def command(path: Path, as_json: bool):
-    """Describe PATH: a dtk checkpoint (config, parameters, step, schedule), a bundle directory (I/O, batch,
-    precision, opset, parity results, schedule, source, file sizes and hashes), an .onnx (I/O, opset, nodes,
-    files) or a .plan with its unet.plan.json sidecar (TensorRT version, GPU, profiles)."""
-    from dtk.export.inspect import describe, format_description
+    """Describe PATH: a dtk checkpoint or run folder (config, parameters, step, schedule), a bundle directory
+    (I/O, batch, precision, opset, parity results, schedule, source, file sizes and hashes), an .onnx (I/O,
+    opset, nodes, files) or a .plan with its unet.plan.json sidecar (TensorRT version, GPU, profiles). Exits
+    non-zero when a bundle's files do not match the hashes recorded at export."""
+    from dtk.export.inspect import describe, format_description, mismatches
+    from dtk.runs import checkpoint_or_run
+    from dtk.runtime.errors import file_error
 
+    path = checkpoint_or_run(path)
     if path.is_file() and path.suffix not in (".onnx", ".plan", ".json"):
         from dtk.checkpoint import describe_checkpoint, load_checkpoint
 
@@ -24,3 +28,6 @@ def command(path: Path, as_json: bool):
     else:
         info = describe(path)
     click.echo(json.dumps(info, indent=2, default=str) if as_json else format_description(info))
+    problems = mismatches(info)
+    if problems:
+        raise file_error(path, "; ".join(problems))

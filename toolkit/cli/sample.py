@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from dtk.runs import checkpoint_or_run
 from dtk.runtime.errors import DtkError, file_error
 from dtk.runtime.samplers import SAMPLERS
 
@@ -47,6 +48,7 @@ def sample(options: SampleOptions) -> SampleResult:
     path = Path(options.path)
     if not path.exists():
         raise file_error(path, "no such file or directory")
+    path = checkpoint_or_run(path)
     if path.is_dir() or path.suffix in RUNTIME_SUFFIXES:
         return _sample_runtime(path, options)
     return _sample_checkpoint(path, options)
@@ -92,7 +94,7 @@ def _sample_runtime(path: Path, options: SampleOptions) -> SampleResult:
             sampler=options.sampler,
             seed=options.seed,
             eta=options.eta,
-            batch_size=options.batch_size,
+            max_batch=options.batch_size,
             progress=options.progress,
         )
         return SampleResult(images, pipeline.backend, time.perf_counter() - start)
@@ -160,8 +162,11 @@ def write_outputs(result: SampleResult, options: SampleOptions) -> list[Path]:
 @click.option("--weights", type=click.Choice(["ema", "raw"]), help="Checkpoint weights [default: ema].")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 def command(**flags):
-    """Sample images from PATH: a checkpoint (model.pt, with PyTorch), a bundle directory, .onnx or .plan."""
+    """Sample images from PATH: a checkpoint (model.pt, with PyTorch) or the run folder it is in, a bundle
+    directory, .onnx or .plan."""
     options = SampleOptions(**flags)
+    if options.out.is_dir():
+        raise file_error(options.out, "is a directory; give a .png file name")
     if options.out.suffix.lower() != ".png":
         raise file_error(options.out, "the grid is written as PNG: use a .png name")
     result = sample(options)

@@ -1,0 +1,139 @@
+"""What a training run leaves and says: log.csv and loss.png, --keep, progress without a terminal, the
+attention warning, and a real SIGTERM that saves the run so it resumes exactly."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from dtk.checkpoint import load_checkpoint
+from dtk.cli import main
+from dtk.train import TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SMALL = dict(
+    dataset="digits",
+    preset="tiny",
+    image_size=8,
+    base_channels=8,
+    channel_mults=(1, 2),
+    attention_resolutions=(4,),
+    batch_size=4,
+    warmup_steps=2,
+    sample_every=0,
+    save_every=0,
+    device="cpu",
+)
+
+
+def _config(out, **overrides) -> TrainConfig:
+    return TrainConfig(out=str(out), **{**SMALL, **overrides})
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_log_csv_and_loss_plot_follow_the_run_across_a_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(_config(out, steps=5, log_every=2, save_every=3))
+    rows = _rows(out / "log.csv")
+    assert list(rows[0]) == ["step", "loss", "ema_loss", "lr", "images_per_s", "wall_s"]
+    assert [int(r["step"]) for r in rows] == [2, 3, 4, 5]  # every 2 steps and at each save
+    assert float(rows[0]["lr"]) == pytest.approx(2e-3)  # warmed up at step 2 (the lr of the step taken)
+    assert all(float(r["loss"]) > 0 and float(r["images_per_s"]) > 0 for r in rows)
+    walls = [float(r["wall_s"]) for r in rows]
+    assert walls == sorted(walls)
+    with Image.open(out / "loss.png") as plot:
+        assert plot.format == "PNG" and plot.size == (700, 500)
+
+    train(TrainConfig(out=str(out), steps=8, log_every=2, resume=True))
+    resumed = _rows(out / "log.csv")
+    assert [int(r["step"]) for r in resumed] == [2, 3, 4, 5, 6, 8]
+    assert resumed[:4] == rows  # the earlier rows are kept as they were
+    assert float(resumed[4]["wall_s"]) > walls[-1]  # wall time adds up over the resumed runs
+
+
+def test_progress_without_a_terminal_is_plain_lines(tmp_path, capsys):
+    train(_config(tmp_path / "a", steps=4, log_every=2))
+    out = capsys.readouterr()
+    lines = [line for line in out.out.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 2/4", "step 4/4"]
+    assert "loss " in lines[0] and "images/s" in lines[0] and "\r" not in out.out + out.err
+    train(_config(tmp_path / "b", steps=4, log_every=1, save_every=2, progress=False))
+    said = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in said if line.startswith("step ")] == ["step 2/4"]  # one per save
+    assert said[-1].startswith(f"wrote {tmp_path / 'b' / 'model.pt'} at step 4")
+
+
+def test_keep_keeps_the_last_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    train(_config(out, steps=5, save_every=1, keep=2, progress=False))
+    assert sorted(p.name for p in out.glob("model*.pt")) == ["model-4.pt", "model-5.pt", "model.pt"]
+    assert load_checkpoint(out / "model-4.pt").step == 4
+    assert (out / "model-5.pt").read_bytes() == (out / "model.pt").read_bytes()
+
+
+def test_an_attention_level_that_does_not_exist_is_warned_about(tmp_path, capsys):
+    # tiny's attention at 4 px: at 32 px its levels are 32, 16 and 8
+    config = dict(image_size=32, channel_mults=None, attention_resolutions=None, batch_size=2)
+    train(_config(tmp_path / "run", steps=1, progress=False, **config))
+    assert (
+        "warning: attention resolutions 4 match no level of this U-Net at 32 px (levels 32,16,8): only the "
+        "middle block has self-attention" in capsys.readouterr().out
+    )
+    train(_config(tmp_path / "ok", steps=1, progress=False))
+    assert "warning" not in capsys.readouterr().out
+
+
+CLI = [
+    "--dataset", "digits", "--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2",
+    "--batch-size", "4", "--sample-every", "0", "--save-every", "0", "--device", "cpu", "--log-every", "1",
+]  # fmt: skip
+
+
+def test_sigterm_saves_the_run_and_it_resumes_exactly(tmp_path):
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "dtk", "train", *CLI]
+    child = subprocess.Popen(
+        [*command, "--out", str(run), "--steps", "100000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        for line in child.stdout:
+            if line.startswith("step 3/"):
+                break
+        child.send_signal(signal.SIGTERM)
+        rest, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 130, err
+    assert "\n" not in err.strip() and "Traceback" not in err  # the CLI's one line for an interrupt
+    said = [line for line in rest.splitlines() if line.startswith("SIGTERM")]
+    stopped = load_checkpoint(run / "model.pt").step
+    assert 3 <= stopped < 100
+    assert said == [
+        f"SIGTERM: saved {run / 'model.pt'} at step {stopped} of 100000; "
+        f"continue with: dtk train --out {run} --resume"
+    ]
+    # the saved run resumes exactly: the same weights as a run that was never stopped
+    steps = str(stopped + 2)
+    assert main(["train", "--out", str(run), "--resume", "--steps", steps]) == 0
+    assert main(["train", *CLI, "--out", str(straight), "--steps", steps, "--no-progress"]) == 0
+    a, b = load_checkpoint(run / "model.pt"), load_checkpoint(straight / "model.pt")
+    assert a.step == b.step == stopped + 2
+    assert all(torch.equal(a.model_state[k], b.model_state[k]) for k in a.model_state)
+    assert all(torch.equal(a.ema_state[k], b.ema_state[k]) for k in a.ema_state)
