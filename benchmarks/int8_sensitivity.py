@@ -2,9 +2,10 @@
 
 For a trained checkpoint: export fp32, calibrate once (the export's calibration set), then quantize with
 every candidate float group kept in float (the baseline) and, one at a time, with one group quantized too,
-and with each calibration method. Each graph samples the same seeds with the export check's 20-step DDIM
-chain; the table is the mean |Δ| of its images against the fp32 graph's (in /255) and the check's Fréchet
-distances. The export's `KEEP_FLOAT` and `DEFAULT_METHOD` (dtk.export.quantize) follow this measurement.
+with each calibration method, and with float convolution outputs. Each graph samples the same seeds with
+the export check's 20-step DDIM chain; the table is the mean |Δ| of its images against the fp32 graph's
+(in /255) and the check's Fréchet distances. The export's `KEEP_FLOAT` and `DEFAULT_METHOD`
+(dtk.export.quantize) follow this measurement.
 
     python benchmarks/int8_sensitivity.py --checkpoint runs/digits/model.pt
 
@@ -67,24 +68,28 @@ def main() -> None:
         fp32 = tmp / "fp32" / "unet.onnx"
         manifest = load_manifest(tmp / "fp32")
         graph_manifest = _manifest(fp32, source, manifest.batch, manifest.opset, "fp32", {}, {})
-        settings = [("all candidates in float", tuple(GROUPS), DEFAULT_METHOD)]
-        settings += [(f"{g} quantized", tuple(k for k in GROUPS if k != g), DEFAULT_METHOD) for g in GROUPS]
-        settings += [("nothing kept in float", (), DEFAULT_METHOD)]
-        settings += [(f"method {m}", tuple(GROUPS), m) for m in args.methods if m != DEFAULT_METHOD]
-        for label, keep, method in settings:
+        every = tuple(GROUPS)
+        settings = [("all candidates in float", every, DEFAULT_METHOD, "int8")]
+        settings += [
+            (f"{g} quantized", tuple(k for k in every if k != g), DEFAULT_METHOD, "int8") for g in every
+        ]
+        settings += [("nothing kept in float", (), DEFAULT_METHOD, "int8")]
+        settings += [(f"method {m}", every, m, "int8") for m in args.methods if m != DEFAULT_METHOD]
+        settings += [("float outputs", every, DEFAULT_METHOD, "float")]
+        for label, keep, method, outputs in settings:
             start = time.perf_counter()
             copy = tmp / "work.onnx"
             copy.write_bytes(fp32.read_bytes())
             int8 = tmp / "int8.onnx"
-            row = {"setting": label, "kept_float": list(keep), "method": method}
+            row = {"setting": label, "kept_float": list(keep), "method": method, "outputs": outputs}
             try:
-                result = quantize(copy, int8, calibration, keep_float=keep, method=method)
-            except Exception as e:  # onnxruntime's quantizer cannot do every group: record why
+                result = quantize(copy, int8, calibration, keep_float=keep, method=method, outputs=outputs)
+                row.update(measure(graph_manifest, fp32, int8, calibration.images, args.num, args.seed))
+            except Exception as e:  # onnxruntime cannot quantize (or then load) every group: record why
                 row["error"] = f"{type(e).__name__}: {e}".strip()
                 rows.append(row)
-                print(f"{label:32} quantization failed: {row['error']}", file=sys.stderr)
+                print(f"{label:32} failed: {row['error'][:200]}", file=sys.stderr)
                 continue
-            row.update(measure(graph_manifest, fp32, int8, calibration.images, args.num, args.seed))
             row["quantized_ops"] = result.quantized
             row["seconds"] = round(time.perf_counter() - start, 1)
             rows.append(row)

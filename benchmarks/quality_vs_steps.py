@@ -153,10 +153,10 @@ def sample_settings(bundle: Path, settings, num: int, seed: int, batch_size: int
     return out
 
 
-def export(checkpoint: Path, bundle: Path, batch_size: int) -> Path:
+def export(checkpoint: Path, bundle: Path, batch_size: int, precision: str = "fp32") -> Path:
     from dtk.export.bundle import ExportOptions, export_bundle
 
-    export_bundle(checkpoint, bundle, ExportOptions(batch=(1, batch_size, batch_size)))
+    export_bundle(checkpoint, bundle, ExportOptions(batch=(1, batch_size, batch_size), precision=precision))
     return bundle
 
 
@@ -169,6 +169,32 @@ def parse_settings(text: str) -> tuple:
             raise argparse.ArgumentTypeError(f"{item!r}: expected sampler:steps, e.g. ddim:20")
         pairs.append((sampler, int(steps)))
     return tuple(pairs)
+
+
+def int8_rows(int8_runs, runs, results, classifier, mu_real, cov_real) -> list[dict]:
+    """Each int8 setting against the fp32 one with the same sampler, steps and seeds: both Fréchet distances,
+    and the mean |Δ| of the same-seed images (in /255)."""
+    rows = []
+    for run in int8_runs:
+        k = next(
+            i for i, r in enumerate(runs) if (r["sampler"], r["steps"]) == (run["sampler"], run["steps"])
+        )
+        features, probabilities = embed(classifier, run["images"])
+        fd = frechet_distance(*feature_stats(features), mu_real, cov_real)
+        diff = np.abs(run["images"] - runs[k]["images"]).mean() * 127.5  # [-1, 1] images → /255
+        rows.append(
+            {
+                "sampler": run["sampler"],
+                "steps": run["steps"],
+                "frechet_distance": round(fd, 4),
+                "fp32_frechet_distance": results[k]["frechet_distance"],
+                "ratio": round(fd / results[k]["frechet_distance"], 4),
+                "class_coverage": round(class_coverage(probabilities), 4),
+                "mean_abs_diff_255": round(float(diff), 3),
+                "ms_per_image": round(1000 * run["seconds"] / len(run["images"]), 3),
+            }
+        )
+    return rows
 
 
 # --- report ---
@@ -242,6 +268,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--classifier-epochs", type=int, default=30)
     parser.add_argument("--settings", type=parse_settings, default=SETTINGS, help="e.g. ddpm:1000,ddim:10")
+    parser.add_argument(
+        "--int8", type=parse_settings, help="also these settings on an int8 export, e.g. ddim:20,dpmpp-2m:20"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -254,6 +283,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle or export(args.checkpoint, Path(tmp) / "bundle", args.batch_size)
         runs = sample_settings(bundle, args.settings, args.num, args.seed, args.batch_size)
+        if args.int8:  # the same settings and seeds on the int8 export of the same checkpoint
+            int8 = export(args.checkpoint, Path(tmp) / "int8", args.batch_size, "int8")
+            int8_runs = sample_settings(int8, args.int8, args.num, args.seed, args.batch_size)
 
     print("training the digits classifier", file=sys.stderr)
     real, labels = real_digits(config.image_size, config.in_channels)
@@ -303,6 +335,8 @@ def main() -> None:
         "machine": machine_name(system),
         "system": system,
     }
+    if args.int8:
+        data["int8"] = int8_rows(int8_runs, runs, results, classifier, mu_real, cov_real)
     stem = args.out / "quality_vs_steps"
     write_text(stem.with_suffix(".json"), json.dumps(data, indent=2) + "\n")
     plot(data, stem.with_suffix(".png"))
@@ -313,6 +347,12 @@ def main() -> None:
             f"{r['sampler']:>9} {r['steps']:>5} steps: FD {r['frechet_distance']:8.3f}  "
             f"coverage {r['class_coverage']:.3f}  confident {r['confident']:.3f}  "
             f"{r['ms_per_image']:.1f} ms/image"
+        )
+    for r in data.get("int8", []):
+        print(
+            f"int8 {r['sampler']:>9} {r['steps']:>5} steps: FD {r['frechet_distance']:8.3f} "
+            f"(fp32 {r['fp32_frechet_distance']:.3f}, ratio {r['ratio']:.3f}), "
+            f"mean |Δ| vs fp32 {r['mean_abs_diff_255']:.2f}/255"
         )
     print(f"wrote {stem}.json, {stem}.png, {args.out / 'quality_vs_steps_samples.png'}", file=sys.stderr)
 

@@ -56,6 +56,7 @@ class ExportOptions:
     calibration_size: int = 256  # int8: noised calibration images (one timestep each)
     calibration_method: str = "minmax"  # int8: how activation ranges are set (dtk.export.quantize.METHODS)
     check_samples: int = 256  # int8: images sampled by fp32 and int8 for the checks (with verify)
+    int8_outputs: str = "int8"  # int8: "int8" or "float" Conv/MatMul outputs (dtk.export.quantize.OUTPUTS)
 
     def check(self) -> None:
         """Refuse bad settings before any work is done."""
@@ -72,12 +73,16 @@ class ExportOptions:
             raise DtkError(f"unknown weights {self.weights!r}; choose one of {', '.join(WEIGHTS)}")
         normalize_batch(self.batch)
         if self.precision == "int8":
-            from dtk.export.quantize import METHODS
+            from dtk.export.quantize import METHODS, OUTPUTS
 
             if self.calibration_method not in METHODS:
                 raise DtkError(
                     f"unknown calibration method {self.calibration_method!r}; "
                     f"choose one of {', '.join(METHODS)}"
+                )
+            if self.int8_outputs not in OUTPUTS:
+                raise DtkError(
+                    f"unknown int8 outputs {self.int8_outputs!r}; choose one of {', '.join(OUTPUTS)}"
                 )
             if self.calibration_size < 1:
                 raise DtkError(f"calibration_size must be at least 1, got {self.calibration_size}")
@@ -133,12 +138,19 @@ def export_bundle(
     batch = normalize_batch(options.batch)
     start = time.perf_counter()
 
-    with _Stages(progress) as stages:
+    with _Stages(progress, 5 if options.precision == "int8" else 4) as stages:
         stages.next("loading the model")
         source = load_source(source_path, options.weights)
         for warning in source.warnings:
             log(f"warning: {warning}")
         fp16_report, convert = _converter(options.precision)
+        calibration = None
+        if options.precision == "int8":  # bad calibration data fails before any export work
+            from dtk.export.calibration import calibration_set
+
+            calibration = calibration_set(
+                source, options.calibration_data, options.calibration_size, options.seed
+            )
 
         with atomic_dir(
             out_dir,
@@ -182,7 +194,7 @@ def export_bundle(
             quantization = None
             if options.precision == "int8":
                 stages.next("calibrating and quantizing to int8")
-                quantization = _quantize(tmp, onnx_path, source, batch, result.opset, options, progress)
+                quantization = _quantize(onnx_path, source, calibration, batch, result.opset, options)
 
             stages.next("writing the manifest")
             export_info = {
@@ -205,21 +217,21 @@ def export_bundle(
     return manifest
 
 
-def _quantize(tmp: Path, onnx_path: Path, source, batch, opset, options: ExportOptions, progress) -> dict:
+def _quantize(onnx_path: Path, source, calibration, batch, opset, options: ExportOptions) -> dict:
     """Replace the bundle's fp32 graph by its calibrated int8 Q/DQ graph; with `verify`, check its images
     against fp32's (raising Int8CheckError). → the manifest's `quantization` section."""
     import shutil
     import tempfile
 
-    from dtk.export.calibration import calibration_set
     from dtk.export.int8_checks import Int8CheckError, check_int8
     from dtk.export.quantize import quantize
 
-    calibration = calibration_set(source, options.calibration_data, options.calibration_size, options.seed)
     with tempfile.TemporaryDirectory(prefix="dtk-int8-") as work:
         fp32_path = Path(work) / ONNX_NAME
         shutil.move(onnx_path, fp32_path)
-        result = quantize(fp32_path, onnx_path, calibration, method=options.calibration_method)
+        result = quantize(
+            fp32_path, onnx_path, calibration, method=options.calibration_method, outputs=options.int8_outputs
+        )
         section = result.to_dict()
         if not options.verify:
             section["checks"] = {"verified": False, "reason": "--no-verify"}
@@ -389,16 +401,14 @@ def _stderr(message: str) -> None:
 class _Stages:
     """A tqdm bar over the export's stages on stderr, or nothing."""
 
-    TOTAL = 5
-
-    def __init__(self, enabled: bool):
-        self.enabled, self.bar, self.done = enabled, None, 0
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total, self.bar, self.done = enabled, total, None, 0
 
     def __enter__(self):
         if self.enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.TOTAL, desc="export", unit="stage", file=sys.stderr, leave=False)
+            self.bar = tqdm(total=self.total, desc="export", unit="stage", file=sys.stderr, leave=False)
         return self
 
     def next(self, what: str) -> None:

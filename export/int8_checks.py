@@ -135,7 +135,7 @@ def sample(manifest, onnx_path, num: int, seed: int, batch: int) -> np.ndarray:
     from dtk.runtime.pipeline import Pipeline
 
     with Pipeline(manifest, OnnxRuntimeDenoiser(onnx_path, manifest)) as pipeline:
-        return pipeline.sample_latents(num, CHECK_STEPS, CHECK_SAMPLER, seed, batch_size=batch)
+        return pipeline.sample_latents(num, CHECK_STEPS, CHECK_SAMPLER, seed, max_batch=batch)
 
 
 def check_int8(

@@ -6,7 +6,13 @@ tensor; biases stay float (TensorRT takes no int32 bias DequantizeLinear). Only 
 Q/DQ pairs; everything between them (GroupNorm, SiLU, residual adds, softmax) runs in float.
 
 Layers kept in float (`KEEP_FLOAT`) were chosen by measurement (benchmarks/int8_sensitivity.py, recorded in
-benchmarks/results/int8_sensitivity.json): each candidate group quantized alone on top of the rest.
+benchmarks/results/int8/int8_sensitivity.json): each candidate group quantized alone on top of the rest, the
+images of a 20-step DDIM chain against fp32's. On a 45k-parameter 8×8 digits model (int8 outputs, mean |Δ|
+with every candidate in float 4.63/255): the last convolution 5.96 (hurts), the first 4.77 (a little, and it
+is cheap to keep: C_in is 1 or 3), the timestep embedding 4.63 and attention 4.58 (no effect at 4×4; the
+timestep GEMMs have one row per image, nothing to gain, and at ddpm-cifar10's 16×16 attention the softmax
+weights, about 1/256, fall below int8's step of 1/127), GroupNorm: onnxruntime's QDQ quantizer fails on it
+("Graph is not a DAG"), and it is not where the time goes.
 """
 
 from __future__ import annotations
@@ -32,6 +38,11 @@ GROUPS = {
 }
 KEEP_FLOAT = ("first_conv", "last_conv", "timestep_embedding", "attention", "group_norm")
 METHODS = ("minmax", "percentile", "entropy")
+# "int8": Conv/MatMul outputs are quantized too and every consumer reads them back from int8 — what ONNX
+# Runtime's CPU int8 kernels (QLinearConv) need; "float": only the int8 compute nodes read Q/DQ values, the
+# float paths (residual adds, skip concatenations, GroupNorm) keep float tensors — closer to fp32, but ONNX
+# Runtime then runs the convolutions in float (no speed-up on the CPU); TensorRT fuses either form.
+OUTPUTS = ("int8", "float")
 DEFAULT_METHOD = "minmax"
 PERCENTILE = 99.999
 
@@ -41,6 +52,7 @@ class QuantizeResult:
     """What the quantization did, for the manifest's `quantization` section."""
 
     method: str
+    outputs: str
     kept_float: dict  # group → node names left in float
     quantized: dict  # op type → count of nodes with Q/DQ on their inputs
     qdq_nodes: dict  # {"QuantizeLinear": n, "DequantizeLinear": m}
@@ -54,6 +66,7 @@ class QuantizeResult:
             "weights": "int8, symmetric, per output channel",
             "activations": "int8, symmetric, per tensor",
             "bias": "float",
+            "outputs": self.outputs,
             "calibration": {**self.calibration, "method": self.method},
             "quantized_ops": dict(self.quantized),
             "qdq_nodes": dict(self.qdq_nodes),
@@ -123,6 +136,7 @@ def quantize(
     *,
     keep_float=KEEP_FLOAT,
     method: str = DEFAULT_METHOD,
+    outputs: str = "int8",
 ) -> QuantizeResult:
     """Quantize the graph at `fp32_path` into `int8_path`, calibrated on `calibration`
     (a dtk.export.calibration.CalibrationSet)."""
@@ -131,6 +145,8 @@ def quantize(
 
     from dtk.export.calibration import reader
 
+    if outputs not in OUTPUTS:
+        raise DtkError(f"unknown int8 outputs {outputs!r}; choose one of {', '.join(OUTPUTS)}")
     if method not in METHODS:
         raise DtkError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
     unknown = set(keep_float) - set(GROUPS)
@@ -172,10 +188,12 @@ def quantize(
             },
         )
     quantized = onnx.load(str(int8_path))
-    float_paths_stay_float(quantized, op_types)
-    onnx.save_model(quantized, str(int8_path))
+    if outputs == "float":
+        float_paths_stay_float(quantized, op_types)
+        onnx.save_model(quantized, str(int8_path))
     return QuantizeResult(
         method=method,
+        outputs=outputs,
         kept_float={group: groups[group] for group in keep_float},
         quantized=quantized_ops(quantized),
         qdq_nodes=dict(
@@ -214,9 +232,13 @@ def float_paths_stay_float(model, op_types) -> None:
             if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in read
         ]
         if not unread:
-            return
+            break
         for n in unread:
             graph.node.remove(n)
+    read = {name for n in graph.node for name in n.input}
+    unused = [t for t in graph.initializer if t.name not in read]
+    for t in unused:  # the removed pairs' scales and zero points
+        graph.initializer.remove(t)
 
 
 def quantized_ops(model) -> dict[str, int]:

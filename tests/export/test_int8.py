@@ -15,7 +15,7 @@ from dtk.cli import main
 from dtk.export import calibration as calibration_module
 from dtk.export.bundle import ExportOptions, export_bundle
 from dtk.export.calibration import noised_inputs, stratified_timesteps
-from dtk.export.int8_checks import CHAIN_MEAN_ABS, Int8CheckError, pooled_features
+from dtk.export.int8_checks import CHAIN_MEAN_ABS, pooled_features
 from dtk.runtime.errors import DtkError
 from dtk.runtime.manifest import load_manifest
 from dtk.runtime.schedule import DiffusionConfig
@@ -37,7 +37,9 @@ TRAIN = dict(
     device="cpu",
     progress=False,
 )
-INT8 = dict(precision="int8", batch=(1, 8, 16), calibration_size=64, check_samples=64)
+# float outputs: this 45k-parameter model's images move by 4.6/255 with int8 outputs (1.7/255 with float
+# ones); the 0.7M-parameter digits model passes with int8 outputs (benchmarks/results/int8_sensitivity.json)
+INT8 = dict(precision="int8", batch=(1, 8, 16), calibration_size=64, check_samples=64, int8_outputs="float")
 
 
 @pytest.fixture(scope="module")
@@ -170,15 +172,25 @@ def test_calibration_on_zeros_fails_the_export_and_writes_nothing(
 
     monkeypatch.setattr(calibration_module, "noised_inputs", zeros)
     out = tmp_path / "bundle"
-    with pytest.raises(Int8CheckError, match=r"int8 check failed: images differ from fp32's by") as e:
-        export_bundle(digits_checkpoint, out, ExportOptions(**INT8), progress=False)
-    assert e.value.checks.chain_mean_abs > CHAIN_MEAN_ABS
-    assert not out.exists() and list(tmp_path.iterdir()) == []
-
-    code = main(["export", str(digits_checkpoint), "-o", str(out), "--precision", "int8", "--no-progress"])
+    args = ["export", str(digits_checkpoint), "-o", str(out), "--precision", "int8", "--no-progress"]
+    code = main([*args, "--batch", "1:8:16", "--calibration-size", "64", "--int8-outputs", "float"])
     captured = capsys.readouterr()
-    assert code != 0 and "FAIL" in captured.out and "error: int8 check failed" in captured.err
-    assert "Traceback" not in captured.err and not out.exists()
+    assert code != 0 and "error: int8 check failed: images differ from fp32's by" in captured.err
+    chain = next(line for line in captured.out.splitlines() if line.strip().startswith("images"))
+    assert chain.endswith("FAIL") and float(chain.split("|Δ|")[1].split("/255")[0]) > 255 * CHAIN_MEAN_ABS
+    assert "Traceback" not in captured.err and not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_default_int8_outputs_feed_the_float_paths_from_int8(digits_checkpoint, tmp_path):
+    """The default graph (what ONNX Runtime's CPU int8 kernels need) also quantizes convolution outputs."""
+    out = tmp_path / "bundle"
+    options = ExportOptions(precision="int8", batch=(1, 8, 16), calibration_size=16, verify=False)
+    manifest = export_bundle(digits_checkpoint, out, options, progress=False)
+    q = manifest.quantization
+    assert q["outputs"] == "int8" and q["checks"] == {"verified": False, "reason": "--no-verify"}
+    assert q["quantized_ops"]["Add"] > 0  # residual adds read convolution outputs back from int8
+    assert q["qdq_nodes"]["QuantizeLinear"] > q["quantized_ops"]["Conv"]
+    assert load_manifest(out).quantization == q
 
 
 def test_calibration_data_problems(digits_checkpoint, tiny_checkpoint, tmp_path, capsys):

@@ -153,21 +153,21 @@ def _int8_bundle(tmp_path):
 def test_tensorrt10_builds_an_int8_bundle_with_the_int8_flag_and_no_calibrator(tmp_path, trt10):
     bundle = _int8_bundle(tmp_path)
     _build(bundle)
-    (build,) = trt10.builds
+    (build,) = trt10._builds
     assert build["network_flags"] == 0  # weakly typed: the Q/DQ layers need the INT8 flag
-    assert trt10.BuilderFlag.INT8 in build["config"].flags
-    assert trt10.BuilderFlag.FP16 not in build["config"].flags
+    assert trt10.BuilderFlag.INT8 in build["config"]._flags
+    assert trt10.BuilderFlag.FP16 not in build["config"]._flags
     assert not hasattr(build["config"], "int8_calibrator")  # explicit quantization: scales are in the graph
     assert json.loads((bundle / "unet.plan.json").read_text())["precision"] == "int8"
 
 
 def test_strongly_typed_int8_builds_need_no_precision_flag(tmp_path, trt10, monkeypatch, gpu):
     _build(_int8_bundle(tmp_path), strongly_typed=True)
-    assert trt10.BuilderFlag.INT8 not in trt10.builds[0]["config"].flags
+    assert trt10.BuilderFlag.INT8 not in trt10._builds[0]["config"]._flags
     trt11 = _tensorrt(monkeypatch, gpu, "11.0.0")  # the fake 11 has no INT8 flag: touching it would raise
     bundle = _int8_bundle(tmp_path / "11")
     _build(bundle)
-    assert trt11.builds[0]["network_flags"] == 1 << int(trt11.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    assert trt11._builds[0]["network_flags"] == 1 << int(trt11.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     assert json.loads((bundle / "unet.plan.json").read_text())["strongly_typed"] is True
 
 
@@ -176,7 +176,7 @@ def test_int8_engines_come_only_from_int8_bundles(tmp_path, trt10):
         _build(_bundle(tmp_path / "fp32"), precision="int8")
     with pytest.raises(DtkError, match=r"an fp16 engine cannot come from this int8 bundle"):
         _build(_int8_bundle(tmp_path / "int8"), precision="fp16")
-    assert trt10.builds == []
+    assert trt10._builds == []
 
 
 def test_compatibility_options_reach_the_config_and_the_sidecar(tmp_path, trt10):

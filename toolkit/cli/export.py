@@ -81,6 +81,14 @@ def parse_batch(value: str):
     help="int8: calibration images (each at its own timestep).",
 )
 @click.option(
+    "--int8-outputs",
+    type=click.Choice(["int8", "float"]),
+    default="int8",
+    show_default=True,
+    help="int8: convolution outputs in int8 (what ONNX Runtime's CPU int8 kernels need) or in float "
+    "(closer to fp32; TensorRT fuses either; no CPU speed-up).",
+)
+@click.option(
     "--no-verify", is_flag=True, help="Skip the parity check against PyTorch (a warning is printed)."
 )
 @click.option(
@@ -177,6 +185,7 @@ def command(
     precision,
     calibration_data,
     calibration_size,
+    int8_outputs,
     no_verify,
     atol,
     rtol,
@@ -225,6 +234,7 @@ def command(
         exporter=exporter,
         calibration_data=calibration_data,
         calibration_size=calibration_size,
+        int8_outputs=int8_outputs,
     )
     start = time.perf_counter()
     try:
