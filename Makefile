@@ -25,12 +25,12 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 # The main job, end to end: train (PyTorch) -> export (ONNX + parity table) -> sample (torch-free runtime) -> bench.
 demo: $(STAMP)
 	$(BIN)/dtk train --preset tiny --dataset digits --image-size 16 --steps 1500 --batch-size 64 \
-		--sample-every 500 --out $(DEMO)/run
+		--sample-every 500 --out $(DEMO)/run --overwrite
 	$(BIN)/dtk export $(DEMO)/run/model.pt -o $(DEMO)/bundle --batch 1:8:64
 	$(BIN)/dtk inspect $(DEMO)/bundle
 	$(BIN)/dtk sample $(DEMO)/bundle --num 64 --steps 50 --sampler ddim --seed 0 --out $(DEMO)/samples.png
 	$(BIN)/dtk bench $(DEMO)/bundle --checkpoint $(DEMO)/run/model.pt --compare torch,onnxruntime,tensorrt \
-		--batch 1 --duration 2 --json $(DEMO)/bench.json
+		--batch 1 --duration 2 -o $(DEMO)/bench.json
 	@echo "demo: training grids in $(DEMO)/run/, runtime samples in $(DEMO)/samples.png, bench in $(DEMO)/bench.json"
 
 test: $(STAMP)

@@ -129,7 +129,7 @@ def bench(bundle: Path, checkpoint: Path, batch: int, args, backends=None) -> di
             str(args.iterations),
             "--duration",
             str(args.duration),
-            "--json",
+            "-o",
             str(out),
         ]
         if args.threads:

@@ -60,7 +60,7 @@ class ExportOptions:
 
     def check(self) -> None:
         """Refuse bad settings before any work is done."""
-        from dtk.export.onnx_export import EXPORTERS, MIN_OPSET, normalize_batch
+        from dtk.export.onnx_export import EXPORTERS, MIN_OPSET, max_opset, normalize_batch
         from dtk.export.source import WEIGHTS
 
         if self.precision not in PRECISIONS:
@@ -69,6 +69,11 @@ class ExportOptions:
             raise DtkError(f"opset {self.opset} is too old; dtk exports opset {MIN_OPSET} or newer")
         if self.exporter not in EXPORTERS:
             raise DtkError(f"unknown exporter {self.exporter!r}; choose one of {', '.join(EXPORTERS)}")
+        if self.opset > max_opset(self.exporter):
+            raise DtkError(
+                f"opset {self.opset} is newer than the {self.exporter} exporter writes here "
+                f"(at most {max_opset(self.exporter)})"
+            )
         if self.weights not in WEIGHTS:
             raise DtkError(f"unknown weights {self.weights!r}; choose one of {', '.join(WEIGHTS)}")
         normalize_batch(self.batch)
@@ -314,6 +319,8 @@ def check_replaceable(out_dir: Path, force: bool = False) -> None:
         return
     if not out_dir.is_dir():
         raise file_error(out_dir, "is a file; give a directory for the bundle")
+    if os.path.ismount(out_dir):  # a container volume: it cannot be swapped for the new bundle
+        raise file_error(out_dir, "is a mount point; write the bundle to a folder inside it")
     entries = sorted(p.name for p in out_dir.iterdir())
     if not entries:
         return

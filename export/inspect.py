@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from dtk.runtime.errors import DtkError, file_error
+from dtk.runtime.errors import DtkError, file_error, one_line
 from dtk.runtime.files import sha256
 from dtk.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
 
+ORT_TYPES = {"float": "float32", "double": "float64"}  # ONNX Runtime's names that differ from numpy's
 ONNX_TYPES = {
     1: "float32",
     10: "float16",
@@ -151,6 +152,10 @@ def quantization_summary(quantization: dict) -> dict:
 
 
 def describe_onnx(path: Path) -> dict:
+    try:
+        import onnx  # noqa: F401
+    except ModuleNotFoundError:  # a runtime-only install: ONNX Runtime still reads the I/O and metadata
+        return describe_onnx_with_onnxruntime(path)
     model = _load_onnx(path)
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
@@ -179,6 +184,37 @@ def describe_onnx(path: Path) -> dict:
         if not data.is_file():
             raise file_error(path, f"its weights file {name} is missing")
         info["files"].append(_file_entry(data))
+    if (path.parent / MANIFEST_NAME).is_file():
+        info["bundle"] = str(path.parent)
+    return info
+
+
+def describe_onnx_with_onnxruntime(path: Path) -> dict:
+    """What ONNX Runtime tells about an .onnx, for installs without the onnx package."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # its own log lines would repeat the error below
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
+        raise file_error(path, f"not a valid ONNX model ({one_line(str(e))[:300]})") from None
+    meta = session.get_modelmeta()
+
+    def value(v) -> dict:
+        dtype = v.type.removeprefix("tensor(").removesuffix(")")
+        return {"name": v.name, "dtype": ORT_TYPES.get(dtype, dtype), "shape": list(v.shape)}
+
+    info = {
+        "kind": "onnx",
+        "path": str(path),
+        "producer": meta.producer_name,
+        "inputs": [value(v) for v in session.get_inputs()],
+        "outputs": [value(v) for v in session.get_outputs()],
+        "metadata": dict(meta.custom_metadata_map),
+        "files": [_file_entry(path)],
+        "not_shown": "opset, nodes and initializers need the onnx package: pip install 'dtk[export]'",
+    }
     if (path.parent / MANIFEST_NAME).is_file():
         info["bundle"] = str(path.parent)
     return info

@@ -165,6 +165,17 @@ def check_model(path: Path) -> None:
         raise DtkError(f"the exported ONNX graph failed onnx.checker: {e}") from None
 
 
+def max_opset(exporter: str) -> int:
+    """The newest opset both onnx and the torch exporter write (torchscript stops earlier than dynamo)."""
+    import onnx
+    from torch.onnx import _constants
+
+    newest = getattr(_constants, "ONNX_MAX_OPSET", onnx.defs.onnx_opset_version())
+    if exporter == "torchscript":
+        newest = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", newest)
+    return min(newest, onnx.defs.onnx_opset_version())
+
+
 def _weight_bytes(module) -> int:
     tensors = list(module.parameters()) + list(module.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)

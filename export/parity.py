@@ -373,12 +373,15 @@ def _chain(
 
     def run(denoise, chain=None):
         source = NoiseSource(seed)
+
+        def noise(i):
+            return source.step(batch, sample_shape)
+
+        def call(x, t):
+            return denoise(np.asarray(x, dtype=np.float32), _timesteps(t, len(x)))
+
         x = source.initial(batch, sample_shape)
-        noise = lambda i: source.step(batch, sample_shape)  # noqa: E731
-        if chain is not None:
-            return chain(plan, x, noise)
-        call = lambda x, t: denoise(np.asarray(x, dtype=np.float32), _timesteps(t, len(x)))  # noqa: E731
-        return sample_loop(call, x, plan, noise)
+        return sample_loop(call, x, plan, noise) if chain is None else chain(plan, x, noise)
 
     out = run(candidate, candidate_chain)
     ref = run(reference)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dtk.runs import run_checkpoint
+from dtk.runtime.checks import check_diffusion_fields
 from dtk.runtime.errors import DtkError, file_error
 from dtk.runtime.files import sha256
 from dtk.runtime.schedule import DiffusionConfig
@@ -151,6 +152,7 @@ def _diffusion_from_scheduler(path: Path) -> DiffusionConfig:
         if data.get(key):
             raise file_error(path, f"{what} is not supported by dtk's samplers")
     try:
+        check_diffusion_fields(data, DiffusionConfig)  # a float T, a beta_end of 2: named with the file
         return DiffusionConfig.from_dict(data)
     except (DtkError, TypeError, ValueError) as e:
         raise file_error(path, str(e)) from None

@@ -150,6 +150,7 @@ def build_engine(bundle_dir, options: EngineOptions | None = None, progress: boo
         write_bytes(options.timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
 
     data = bytes(memoryview(serialized))
+    del serialized, parser, network, config, builder  # the builder's memory is not needed for the check
     sidecar = PlanSidecar(
         tensorrt_version=trt.__version__,
         gpu_name=gpu.name,

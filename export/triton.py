@@ -30,7 +30,7 @@ VERSION = "1"
 
 SAMPLER_MODEL = "dtk_sampler"
 SAMPLER_SOURCE = Path(__file__).with_name("triton_model.py")  # copied as <repo>/dtk_sampler/1/model.py
-BUNDLE_FILES = (MANIFEST_NAME, "unet.onnx", "unet.onnx.data", "unet*.plan", "unet*.plan.json")  # every engine
+ENGINE_FILES = ("unet*.plan", "unet*.plan.json")  # every engine of the bundle, with its sidecar
 
 
 class Enum(str):
@@ -98,11 +98,18 @@ def write_sampler_model(bundle, repo_dir, options: SamplerOptions | None = None)
         version = tmp / VERSION
         (version / "bundle").mkdir(parents=True)
         shutil.copyfile(SAMPLER_SOURCE, version / "model.py")
-        for pattern in BUNDLE_FILES:
-            for path in bundle_dir.glob(pattern):
-                shutil.copyfile(path, version / "bundle" / path.name)
+        for path in _bundle_files(bundle_dir, manifest):
+            shutil.copyfile(path, version / "bundle" / path.name)
         write_text(tmp / "config.pbtxt", render_pbtxt(config))
     return target
+
+
+def _bundle_files(bundle_dir: Path, manifest: Manifest) -> list[Path]:
+    """What the runtime reads: the manifest, the ONNX file and its weights, every engine and sidecar."""
+    names = [MANIFEST_NAME, manifest.onnx, manifest.export.get("onnx_data")]
+    files = [bundle_dir / name for name in names if isinstance(name, str) and name]
+    files += [path for pattern in ENGINE_FILES for path in sorted(bundle_dir.glob(pattern))]
+    return [path for path in dict.fromkeys(files) if path.is_file()]
 
 
 def sampler_config(manifest: Manifest, options: SamplerOptions) -> dict:

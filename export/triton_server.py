@@ -160,9 +160,15 @@ class TritonServer:
         if backends is not None:
             args.append(f"--backend-directory={backends}")
         with open(self.log_path, "ab") as log:
-            # own session: a Ctrl-C in the terminal reaches dtk, which stops the server in order
+            # own session: a Ctrl-C in the terminal reaches dtk, which stops the server in order; and should
+            # dtk itself be killed, the kernel sends the server SIGTERM (Linux), so no orphan keeps the ports
             self.process = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, env=self._environment(), start_new_session=True
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._environment(),
+                start_new_session=True,
+                preexec_fn=_die_with_parent(),
             )
 
     def _environment(self) -> dict:
@@ -230,17 +236,38 @@ class TritonServer:
 
 def stub_pids(shm_prefix: str) -> list[int]:
     """PIDs of Python backend stubs started with this shared-memory prefix (it is on their command line)."""
+    return triton_pids(shm_prefix, "triton_python_backend_stub")
+
+
+def triton_pids(shm_prefix: str, program: str = "tritonserver") -> list[int]:
+    """PIDs of `program` processes whose command line holds `shm_prefix` (zombies have none: not listed)."""
     pids = []
     for proc in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError):
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if (
-                cmdline
-                and cmdline[0].endswith(b"triton_python_backend_stub")
-                and any(shm_prefix.encode() in part for part in cmdline)
-            ):
+            if cmdline[0].endswith(program.encode()) and any(shm_prefix.encode() in part for part in cmdline):
                 pids.append(int(proc.name))
     return pids
+
+
+def _die_with_parent():
+    """A preexec_fn asking Linux to SIGTERM the child when this thread's process dies; None elsewhere.
+
+    prctl is looked up here, before the fork: the child only makes the one system call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def set_death_signal():
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+
+    return set_death_signal
 
 
 def _free_port(host: str) -> int:

@@ -25,25 +25,32 @@ PERCENTILES = (50, 90, 95, 99)
 
 @dataclass(frozen=True)
 class Warmup:
-    """Warm-up before measuring: a number of calls, or a time (at least one call when it is non-zero)."""
+    """Warm-up before measuring: a time, or a number of calls (at least one call when it is non-zero).
+
+    As in trtexec a bare number is milliseconds (`--warmup 500`); calls are counted with an `x` (`10x`)."""
 
     runs: int = 0
     seconds: float = 0.0
 
     @classmethod
     def parse(cls, text: str | int) -> Warmup:
-        """`"10"` → 10 runs, `"200ms"` → 0.2 s, `"2s"` → 2 s, `"0"` → none."""
+        """`"500"` or `"500ms"` → 0.5 s, `"2s"` → 2 s, `"10x"` (or `"10 runs"`) → 10 calls, `"0"` → none."""
+        if isinstance(text, int) and not isinstance(text, bool):
+            return cls(runs=text)  # a count given in code, not a flag
         value = str(text).strip().lower()
-        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(ms|s|runs?)?", value)
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(ms|s|x|runs?)?", value)
         if not match:
-            raise DtkError(f"--warmup {text!r}: give a number of runs (10) or a time (200ms, 2s)")
+            raise DtkError(
+                f"--warmup {text!r}: give a time in ms (500, as trtexec) or with a unit (200ms, 2s), "
+                "or a number of calls (10x)"
+            )
         number, unit = float(match.group(1)), match.group(2)
-        if unit == "ms":
+        if unit in (None, "ms"):
             return cls(seconds=number / 1000.0)
         if unit == "s":
             return cls(seconds=number)
         if number != int(number):
-            raise DtkError(f"--warmup {text!r}: a number of runs must be whole (or add a unit: ms, s)")
+            raise DtkError(f"--warmup {text!r}: a number of calls must be whole")
         return cls(runs=int(number))
 
     def __str__(self) -> str:
@@ -411,13 +418,26 @@ COMPARISON_COLUMNS = (
     "images/s",
     "vs torch eager",
 )
+END_TO_END_COLUMNS = ("sample ms", "sample images/s")  # one whole sample, --steps steps
+
+
+def comparison_columns(records: list[dict]) -> tuple[str, ...]:
+    """The table's columns: the end-to-end ones too when any backend measured a whole sample."""
+    with_e2e = any(r.get("end_to_end") for r in records)
+    return COMPARISON_COLUMNS + (END_TO_END_COLUMNS if with_e2e else ())
 
 
 def comparison_rows(records: list[dict], skipped: list[dict] = ()) -> list[list[str]]:
-    """Side-by-side rows, speed-up over PyTorch eager by median latency; skipped backends say why."""
+    """Side-by-side rows, speed-up over PyTorch eager by median latency, and the end-to-end sample where one
+    was measured (`comparison_columns`); skipped backends say why."""
     ups = speedups(records)
+    with_e2e = any(r.get("end_to_end") for r in records)
     rows = []
     for i, r in enumerate(records):
+        e2e = r.get("end_to_end")
+        e2e_cells = (
+            [_fmt_ms(e2e["split_ms"]["total_ms"]), f"{e2e['images_per_s']:.2f}"] if e2e else ["n/a"] * 2
+        )
         lat, thr = r["latency_ms"], r["throughput"]
         rows.append(
             [
@@ -432,6 +452,7 @@ def comparison_rows(records: list[dict], skipped: list[dict] = ()) -> list[list[
                 f"{thr['images_per_s']:.1f}",
                 f"{ups[i]:.2f}x" if ups[i] is not None else "n/a",
             ]
+            + (e2e_cells if with_e2e else [])
         )
     for s in skipped:
         rows.append([s["backend"], "skipped: " + s["reason"]])

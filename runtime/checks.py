@@ -82,7 +82,10 @@ def check_diffusion_fields(data: dict, config_class) -> None:
     for name in ("beta_start", "beta_end"):
         if name in data and not 0 < data[name] < 1:
             raise DtkError(f"{name} must lie in (0, 1), got {data[name]}")
-    if data.get("steps_offset", 0) < 0:
-        raise DtkError(f"steps_offset must be 0 or more, got {data['steps_offset']}")
+    offset = data.get("steps_offset", 0)
+    if offset < 0:
+        raise DtkError(f"steps_offset must be 0 or more, got {offset}")
+    if is_int(steps) and offset > steps - 1:
+        raise DtkError(f"steps_offset {offset} is beyond the schedule's last timestep ({steps - 1})")
     if "clip_sample_range" in data and not data["clip_sample_range"] > 0:
         raise DtkError(f"clip_sample_range must be positive, got {data['clip_sample_range']}")

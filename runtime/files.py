@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import glob
 import hashlib
 import os
 import shutil
@@ -29,16 +30,18 @@ FAULT_ENV = "DTK_FAULT_PAUSE"  # fault injection for tests: pause (and say so on
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
+def atomic_path(path: str | os.PathLike, clean: bool = True):
     """Yield a temporary path beside `path`; on success rename it onto `path`, on failure remove it.
 
-    For writers that want a file name (torch.save, onnx.save, PIL.Image.save with a format)."""
+    For writers that want a file name (torch.save, onnx.save, PIL.Image.save with a format). `clean` first
+    removes what a killed writer of `path` left (a scan of the folder: writers of many files turn it off)."""
     path = Path(path)
     if path.is_dir():
         raise file_error(path, "is a directory; give a file name")
     _make_parent(path)
     with locked(path):
-        clean_leftovers(path)
+        if clean:
+            clean_leftovers(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
         os.close(fd)
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; artifacts get the usual permissions
@@ -142,7 +145,8 @@ def clean_leftovers(path: Path) -> list[Path]:
             removed.append(old)
         else:
             os.rename(old, path)  # killed between the two renames: the old folder goes back
-    for leftover in path.parent.glob(f".{_glob_escape(path.name)}.*.partial"):
+    # exactly tempfile's 8 random characters: `.bundle.v2.x1y2z3w4.partial` is another target's, not ours
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.{'?' * 8}.partial"):
         _remove(leftover)
         removed.append(leftover)
     return removed
@@ -154,6 +158,8 @@ def swap_dirs(new: Path, path: Path) -> None:
         _exchange(new, path)
         return
     except OSError as e:
+        if e.errno == errno.EBUSY:  # a mount point (a container volume) cannot be renamed
+            raise file_error(path, "is a mount point; write the bundle to a folder inside it") from None
         if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
             raise
     old = path.with_name(f".{path.name}.old")
@@ -204,12 +210,6 @@ def _remove(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-
-
-def _glob_escape(name: str) -> str:
-    import glob
-
-    return glob.escape(name)
 
 
 def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -52,7 +52,8 @@ def save_images(images: np.ndarray, directory, prefix: str = "sample") -> list[P
     if directory.exists() and not directory.is_dir():
         raise file_error(directory, "exists and is not a directory")
     width = max(4, len(str(len(images) - 1)))
-    return [_save_png(image, directory / f"{prefix}_{k:0{width}d}.png") for k, image in enumerate(images)]
+    paths = [directory / f"{prefix}_{k:0{width}d}.png" for k in range(len(images))]
+    return [_save_png(image, path, clean=False) for image, path in zip(images, paths, strict=True)]
 
 
 def _check_images(images) -> np.ndarray:
@@ -62,7 +63,7 @@ def _check_images(images) -> np.ndarray:
     return images
 
 
-def _save_png(image: np.ndarray, path: Path) -> Path:
+def _save_png(image: np.ndarray, path: Path, clean: bool = True) -> Path:
     from PIL import Image
 
     if path.suffix.lower() != ".png":
@@ -70,6 +71,6 @@ def _save_png(image: np.ndarray, path: Path) -> Path:
     if path.parent.exists() and not path.parent.is_dir():
         raise file_error(path.parent, "is not a directory")
     picture = Image.fromarray(np.ascontiguousarray(image[..., 0] if image.shape[-1] == 1 else image))
-    with atomic_path(path) as tmp:
+    with atomic_path(path, clean=clean) as tmp:
         picture.save(tmp, format="PNG")
     return path

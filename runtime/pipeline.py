@@ -11,6 +11,7 @@ an image.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -44,7 +45,7 @@ class Pipeline:
 
         `opts` go to the backend: OnnxRuntimeDenoiser(providers, threads, device_id, io_binding) or
         TensorRTDenoiser(device, cuda_graph)."""
-        if not isinstance(path, (str, Path)) or not str(path):
+        if not isinstance(path, (str, os.PathLike)) or not str(path):
             raise DtkError(f"Pipeline.load takes a bundle directory, .onnx or .plan path, got {path!r}")
         backend, model_path, bundle_dir, manifest = choose_backend(path, backend)
         if backend == "tensorrt":

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
+
+# A suite started in the background (`make test &`, some CI runners) inherits SIGINT as ignored, and so would
+# every dtk process a test starts: Ctrl-C tests would then hang. Python's own handler makes exec reset it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)

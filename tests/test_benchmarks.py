@@ -190,3 +190,55 @@ def test_serve_summary_goals_and_table():
     assert "| in process, batch 16 | 50.0 | 320.0 | 330.0 | 16 |" in table
     assert "**0.9** (goal ≥ 0.8)" in table and "before / after: [1.0, 1.0, 1.0] / [2.0, 1.5, 1.0]" in table
     assert serve.goals({**data, "server": []})["throughput_16_clients_vs_batched"] is None
+
+
+def test_gpu_check_dry_run_lists_every_step_and_exits_0():
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--dry-run"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("gpu_check: GPU here: ")
+    assert [line.split()[0] for line in lines[1:6]] == ["tests", "chain", "backends", "training", "footprint"]
+    assert 'pytest -m "gpu or tensorrt"' in done.stdout and "--cuda-graph" in done.stdout
+    limits = [int(line.split("(limit ")[1].split(" s)")[0]) for line in lines[1:6]]
+    assert sum(limits) <= 8 * 60
+
+
+def test_gpu_check_reads_junit_and_writes_its_table(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "dtk_gpu_check", Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    )
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    junit = tmp_path / "j.xml"
+    junit.write_text(
+        '<testsuites><testsuite><testcase classname="a" name="ok"/>'
+        '<testcase classname="a" name="bad"><failure message="x"/></testcase>'
+        '<testcase classname="b" name="gone"><skipped message="no gpu"/></testcase></testsuite></testsuites>'
+    )
+    assert check._junit_outcomes(junit) == {"a::ok": "passed", "a::bad": "failed", "b::gone": "skipped"}
+    from dtk.runtime.system import system_info
+
+    results = {
+        "system": system_info(),
+        "tensorrt": None,
+        "steps": {
+            "tests": {"status": "failed", "seconds": 9.5,
+                      "counts": {"passed": 1, "failed": 1, "error": 0, "skipped": 1}},
+            "chain": {"status": "passed", "seconds": 3.0, "runs": [
+                {"cuda_graph": True, "max_abs_latent": 2e-6, "max_levels": 0}]},
+            "training": {"status": "skipped", "reason": "20 s of the budget left"},
+        },
+    }  # fmt: skip
+    table = check.format_markdown(results)
+    assert "- TensorRT: not installed (TensorRT paths did not run)" in table
+    assert "| tests | failed | 9.5 | passed 1, failed 1, error 0, skipped 1 |" in table
+    assert "| chain | passed | 3.0 | graph True: max Δx 2.00e-06, 0 levels |" in table
+    assert "| training | skipped | - | 20 s of the budget left |" in table

@@ -231,3 +231,28 @@ def test_serving_messages(tmp_path, monkeypatch):
     monkeypatch.setattr(triton_server.importlib.util, "find_spec", lambda name: None)
     assert_documented(message_of(triton_server.find_tritonserver))
     assert_documented(message_of(triton_server.TritonServer(tmp_path).start))
+
+
+def test_training_run_messages(tmp_path):
+    import torch
+
+    from dtk.runs import prepare_run_folder
+    from dtk.train import TrainConfig, train
+
+    run = tmp_path / "run"
+    settings = dict(
+        image_size=8, base_channels=8, channel_mults=(1, 2), attention_resolutions=(4,), batch_size=2
+    )
+    settings.update(sample_every=0, save_every=0, device="cpu", progress=False, steps=1)
+    train(TrainConfig(out=str(run), **settings))
+    assert_documented(message_of(prepare_run_folder, run, resume=False, overwrite=False))
+    assert_documented(message_of(train, TrainConfig(out=str(run), resume=True, lr=1e-3, steps=3)))
+    assert_documented(message_of(train, TrainConfig(out=str(run), resume=True)))
+    data = torch.load(run / "model.pt", weights_only=True)
+    data["train_state"]["optimizer"] = "adam"
+    torch.save(data, run / "model.pt")
+    assert_documented(message_of(train, TrainConfig(out=str(run), resume=True, steps=3)))
+    (tmp_path / "file").write_text("")
+    assert_documented(
+        message_of(prepare_run_folder, tmp_path / "file" / "run", resume=False, overwrite=False)
+    )

@@ -13,6 +13,7 @@ A file that is not such a dict, a truncated one, or one whose pickle would impor
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,9 +77,29 @@ def save_checkpoint(path, ckpt: Checkpoint) -> Path:
     import torch
 
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(ckpt.to_dict(), tmp)
+    data = ckpt.to_dict()
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(data, tmp)
+    except RuntimeError as e:  # torch's zip writer reports a short write (a full disk) as RuntimeError
+        raise file_error(path, f"cannot write ({_write_failure(path, data, e)})") from None
     return path
+
+
+def _write_failure(path: Path, data: dict, error: RuntimeError) -> str:
+    import shutil
+
+    import torch
+
+    need = sum(
+        t.numel() * t.element_size()
+        for state in (data["model_state"], data["ema_state"] or {})
+        for t in state.values()
+        if isinstance(t, torch.Tensor)
+    )
+    if shutil.disk_usage(path.parent).free < need:
+        return f"no space left on device: {need / 2**20:.1f} MiB of weights"
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def load_checkpoint(path) -> Checkpoint:
@@ -95,7 +116,11 @@ def load_checkpoint(path) -> Checkpoint:
     if not head:
         raise file_error(path, "empty file, not a dtk checkpoint")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with (
+            warnings.catch_warnings()
+        ):  # torch warns about a raw pickle's protocol on stderr; we say one line
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError... for bad files
         raise _load_error(path, head, e) from None
     return _from_dict(path, data)

@@ -55,11 +55,13 @@ def sample_checkpoint(
     batch_size: int | None = None,
     progress: bool = True,
     weights: str = "ema",
+    step_callback=None,
 ) -> np.ndarray:
     """Sample `num` images from a checkpoint (a `Checkpoint` or a path) → float32 [num, C, H, W] in ~[-1, 1].
 
     Images are run in batches of `batch_size` (default: all at once); image k always gets the noise of
-    `NoiseSource(seed, first_index=k)`, so the batching does not change it."""
+    `NoiseSource(seed, first_index=k)`, so the batching does not change it. `step_callback(step_index,
+    timestep, x)` sees each batch's current sample (float32 numpy) after every step."""
     from dtk.checkpoint import load_checkpoint
     from dtk.runtime.errors import DtkError
 
@@ -86,8 +88,13 @@ def sample_checkpoint(
             def noise(i, source=source, count=count):
                 return torch.from_numpy(source.step(count, shape)).to(denoiser.device)
 
+            def on_step(i, t, x):
+                bar.update(1)
+                if step_callback is not None:
+                    step_callback(i, t, x.float().cpu().numpy())
+
             with torch.inference_mode():
-                x = sample_loop(denoiser.forward, x, plan, noise, lambda i, t, x: bar.update(1))
+                x = sample_loop(denoiser.forward, x, plan, noise, on_step)
             images.append(x.float().cpu().numpy())
     finally:
         bar.close()

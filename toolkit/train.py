@@ -351,7 +351,18 @@ def train(config: TrainConfig, given: set[str] | None = None) -> Path:
     (the CLI passes the flags on its command line; None: the fields that differ from the defaults), and those
     must agree with the run's unless they may change (`CHANGEABLE_ON_RESUME`)."""
     config.validate()
+    created = not Path(config.out).exists()
     prepare_run_folder(config.out, config.resume, config.overwrite)
+    try:
+        return _train(config, given)
+    except BaseException:
+        if created:  # a run that failed before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                Path(config.out).rmdir()
+        raise
+
+
+def _train(config: TrainConfig, given: set[str] | None) -> Path:
     ckpt = None
     if config.resume:
         ckpt = load_checkpoint(Path(config.out) / CHECKPOINT_NAME)

@@ -19,7 +19,8 @@ import numpy as np
 from dtk.runtime.errors import DtkError
 
 CUDA_PYTHON_HINT = (
-    "install it with `pip install dtk[tensorrt]` (or `pip install cuda-python` matching your CUDA)"
+    "install it with `pip install dtk[tensorrt]` (on Jetson `pip install 'dtk[jetson]'`; or `pip install "
+    "cuda-python` of your driver's CUDA major)"
 )
 NVRTC_HINT = (
     "NVRTC (libnvrtc) is missing: with cuda-python 13 `pip install nvidia-cuda-nvrtc` (13.x), with 12.8 or "

@@ -101,6 +101,7 @@ def test_bad_diffusers_folders(tmp_path, files, problem):
         ({"trained_betas": [0.1, 0.2]}, "trained_betas is not supported"),
         ({"beta_schedule": "sigmoid"}, "unknown beta_schedule 'sigmoid'"),
         ({"thresholding": True}, "dynamic thresholding"),
+        ({"num_train_timesteps": 1000.0}, "num_train_timesteps must be an integer, got 1000.0"),
     ],
 )
 def test_unsupported_scheduler_configs(tmp_path, small_unet2d, scheduler, problem):

@@ -4,9 +4,11 @@ answered one by one, and a clean stop of `dtk serve`."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import numpy as np
 import pytest
 
 from dtk.export.triton import SamplerOptions, write_sampler_model
-from dtk.export.triton_server import SHM_DIR, TritonServer, stub_pids
+from dtk.export.triton_server import SHM_DIR, TritonServer, stub_pids, triton_pids
 from dtk.runtime import Pipeline
 
 tritonclient = pytest.importorskip("tritonclient.grpc")
@@ -140,24 +142,57 @@ def test_http_clients_and_plain_json(server, local):
     assert np.array_equal(np.array(output["data"], dtype=np.uint8).reshape(16, 16, 1), local(7, 6, "ddpm"))
 
 
-def test_32_concurrent_clients_share_batches(server, local):
+def test_32_concurrent_clients_share_batches(server, tiny_bundle):
+    """32 clients at once, connected first, on runs long enough (20 steps) that later requests queue behind
+    the first run: every image right, and the statistics show runs that took several requests."""
+    import threading
+
     stats = http.InferenceServerClient(server.http_url)
 
     def model_stats():
         return stats.get_inference_statistics("dtk_sampler")["model_stats"][0]
 
+    seeds, steps = list(range(100, 132)), 20
+    clients = [tritonclient.InferenceServerClient(server.grpc_url) for _ in seeds]
+    start = threading.Barrier(len(seeds))
+
+    def send(k):
+        start.wait()
+        return request_image(clients[k], seeds[k], steps=steps)
+
     before = model_stats()
-    seeds = list(range(100, 132))
-    images, _ = client_example.request_images(server.grpc_url, seeds, concurrency=32)
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        images = list(pool.map(send, range(len(seeds))))
     after = model_stats()
-    for seed, image in zip(seeds, images, strict=True):
-        assert np.array_equal(image, local(seed)), seed
+    for c in clients:
+        c.close()
+    with Pipeline.load(tiny_bundle) as pipe:  # the same as one num=1 call per seed (tests/runtime pins that)
+        expected = pipe.sample(seeds=seeds, steps=steps, sampler="ddim")
+    for k, image in enumerate(images):
+        assert np.array_equal(image, expected[k]), seeds[k]
     requests = after["inference_count"] - before["inference_count"]
     executions = after["execution_count"] - before["execution_count"]
     assert requests == 32
     assert executions < 32  # requests were merged: fewer sampling runs than requests
     merged = {b["batch_size"] for b in after["batch_stats"] if b["batch_size"] > 1}
     assert merged and max(merged) <= MAX_BATCH
+
+
+def test_concurrent_requests_with_different_settings(server, local):
+    """One dynamic batch may hold several settings: each group runs on its own, every image is still right."""
+    settings = [{}, {"steps": 3, "sampler": "ddpm"}, {"steps": 5, "eta": 1.0}]
+    jobs = [(300 + k, settings[k % 3]) for k in range(12)]
+
+    def send(job):
+        seed, extra = job
+        with tritonclient.InferenceServerClient(server.grpc_url) as c:
+            return request_image(c, seed, **extra)
+
+    with ThreadPoolExecutor(12) as pool:
+        images = list(pool.map(send, jobs))
+    for (seed, extra), image in zip(jobs, images, strict=True):
+        expected = local(seed, extra.get("steps", STEPS), extra.get("sampler", "ddim"), extra.get("eta", 0.0))
+        assert np.array_equal(image, expected), (seed, extra)
 
 
 def bad_requests():
@@ -265,16 +300,24 @@ def test_client_example_writes_a_grid(server, local, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_dtk_serve_prints_endpoints_and_stops_clean(tiny_bundle, local, tmp_path, stop):
-    """`dtk serve` as a user runs it, then stopped: exit 0, nothing left in its TMPDIR or /dev/shm."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    env = {**os.environ, "TMPDIR": str(tmp)}
-    command = [sys.executable, "-m", "dtk", "serve", str(tiny_bundle), "--serve-steps", str(STEPS)]
+def _interruptible():
+    """A test run started in the background inherits SIGINT ignored; `dtk serve` here must see Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def dtk_serve(bundle, tmp):
+    """`dtk serve BUNDLE` on free ports with TMPDIR=tmp → (the process, its banner once ready)."""
+    command = [sys.executable, "-m", "dtk", "serve", str(bundle), "--serve-steps", str(STEPS)]
     ports = ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"]
+    env = {**os.environ, "TMPDIR": str(tmp)}
     process = subprocess.Popen(
-        [*command, *ports], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        [*command, *ports],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=_interruptible,
     )
     try:
         lines = []
@@ -286,6 +329,17 @@ def test_dtk_serve_prints_endpoints_and_stops_clean(tiny_bundle, local, tmp_path
             lines.append(line.rstrip("\n"))
         banner = "\n".join(lines)
         assert "ready: model dtk_sampler (default 4 ddim steps)" in banner, banner + process.stderr.read()
+        yield process, banner
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_dtk_serve_prints_endpoints_and_stops_clean(tiny_bundle, local, tmp_path, stop):
+    """`dtk serve` as a user runs it, then stopped: exit 0, nothing left in its TMPDIR or /dev/shm."""
+    with dtk_serve(tiny_bundle, tmp_path) as (process, banner):
         grpc_url = re.search(r"gRPC\s+(\S+)", banner).group(1)
         assert grpc_url.startswith("127.0.0.1:")
         assert f"--url {grpc_url}" in banner
@@ -295,15 +349,28 @@ def test_dtk_serve_prints_endpoints_and_stops_clean(tiny_bundle, local, tmp_path
         assert list(SHM_DIR.glob(f"{prefix}*"))  # the stub's regions exist while it runs ...
         process.send_signal(stop)
         out, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert process.returncode == 0, err
     assert out.strip().endswith("stopped") and "Traceback" not in err
     assert not list(SHM_DIR.glob(f"{prefix}*"))  # ... and are gone after the stop
-    assert not stub_pids(prefix)
-    assert list(tmp.iterdir()) == []  # repository, backends copy, log, the stub's temp files: all removed
+    assert not stub_pids(prefix) and not triton_pids(prefix)
+    assert (
+        list(tmp_path.iterdir()) == []
+    )  # repository, backends copy, log, the stub's temp files: all removed
+
+
+def test_killed_dtk_serve_takes_its_server_along(tiny_bundle, tmp_path):
+    """SIGKILL leaves dtk no chance to clean up; the server still ends (Linux's parent-death signal)."""
+    with dtk_serve(tiny_bundle, tmp_path) as (process, _):
+        prefix = f"dtk_{process.pid}_"
+        assert triton_pids(prefix)
+        process.kill()
+        process.wait()
+    deadline = time.monotonic() + 30
+    while (triton_pids(prefix) or stub_pids(prefix)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not triton_pids(prefix) and not stub_pids(prefix)
+    assert not list(SHM_DIR.glob(f"{prefix}*"))  # the server, stopped by SIGTERM, removed its stubs' regions
+    shutil.rmtree(tmp_path, ignore_errors=True)  # what dtk could not remove: its TMPDIR is this test's
 
 
 def test_serve_without_a_bundle_says_so(tmp_path):

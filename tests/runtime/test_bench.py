@@ -46,13 +46,16 @@ class FakeClock:
 @pytest.mark.parametrize(
     ("text", "runs", "seconds", "shown"),
     [
-        ("10", 10, 0.0, "10 runs"),
+        ("10x", 10, 0.0, "10 runs"),
         (5, 5, 0.0, "5 runs"),
         ("200ms", 0, 0.2, "200 ms"),
         ("2s", 0, 2.0, "2000 ms"),
         (" 1.5 s ", 0, 1.5, "1500 ms"),
         ("3 runs", 3, 0.0, "3 runs"),
         ("0", 0, 0.0, "none"),
+        ("500", 0, 0.5, "500 ms"),  # trtexec: a bare number is milliseconds
+        ("1.5", 0, 0.0015, "1.5 ms"),
+        ("10x", 10, 0.0, "10 runs"),
     ],
 )
 def test_warmup_parses_runs_and_times(text, runs, seconds, shown):
@@ -61,7 +64,7 @@ def test_warmup_parses_runs_and_times(text, runs, seconds, shown):
     assert str(warmup) == shown
 
 
-@pytest.mark.parametrize("text", ["abc", "1.5", "-3", "10 minutes", ""])
+@pytest.mark.parametrize("text", ["abc", "1.5x", "-3", "10 minutes", ""])
 def test_warmup_rejects_nonsense(text):
     with pytest.raises(DtkError, match="--warmup"):
         bench.Warmup.parse(text)

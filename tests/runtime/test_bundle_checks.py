@@ -52,6 +52,10 @@ def _set(*keys_and_value):
         (_set("diffusion", "clip_sample", "yes"), "clip_sample must be true or false, got 'yes'"),
         (_set("diffusion", "clip_sample_range", -1.0), "clip_sample_range must be positive, got -1.0"),
         (_set("diffusion", "beta_end", 1.5), r"beta_end must lie in \(0, 1\), got 1.5"),
+        (
+            _set("diffusion", "steps_offset", 1000),
+            r"steps_offset 1000 is beyond the schedule's last timestep \(999\)",
+        ),
         (_set("files", "onnx", None), "files.onnx must be a file name in the bundle, got None"),
         (_set("files", "onnx", 5), "files.onnx must be a file name in the bundle, got 5"),
         (_set("files", "onnx", "../../model.pt"), "files.onnx '../../model.pt' leaves the bundle"),

@@ -266,3 +266,42 @@ def test_an_insufficient_driver_names_both_cuda_versions(monkeypatch):
         message,
     )
     assert "pip install 'cuda-python>=12.6,<13'" in message and "dtk[jetson]" in message
+
+
+def test_the_gpu_checks_chain_comparison_on_the_fake(tmp_path, monkeypatch):
+    """benchmarks/gpu_check.py's device-chain-against-host-loop numbers, computed here on the fake (the real
+    run is tests/runtime/test_gpu_standin.py on a GPU)."""
+    spec = importlib.util.spec_from_file_location(
+        "dtk_tests_gpu_standin", Path(__file__).parent / "gpu_standin.py"
+    )
+    standin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(standin)
+    gpu, denoiser = _open(tmp_path, monkeypatch, cuda_graph=True)
+    with denoiser:
+        result = standin.chain_against_host(denoiser, batch=2, steps=6, sampler="ddim")
+    assert result["max_abs_latent"] < 1e-5 and result["max_levels"] == 0 and result["images_within_1_level"]
+    assert (result["steps"], result["batch"], result["cuda_graph"]) == (6, 2, True)
+
+
+def test_the_gpu_standins_plan_opens_in_the_backend(tmp_path, monkeypatch):
+    """The stand-in's plan, sidecar and engine metadata pass TensorRTDenoiser's checks (here on the fake GPU;
+    running it needs CUDA: tests/runtime/test_gpu_standin.py)."""
+    from dtk.runtime.backends.tensorrt import TensorRTDenoiser
+    from dtk.runtime.manifest import load_manifest
+
+    spec = importlib.util.spec_from_file_location(
+        "dtk_tests_gpu_standin", Path(__file__).parent / "gpu_standin.py"
+    )
+    standin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(standin)
+    pytest.importorskip("torch")
+    gpu = _fakes().FakeGpu()
+    _fakes().install(monkeypatch, gpu)
+    monkeypatch.setitem(sys.modules, "tensorrt", standin.standin_tensorrt(module=None))
+    bundle = _fakes().write_fake_bundle(tmp_path / "bundle")
+    plan = standin.write_standin_plan(bundle)
+    with TensorRTDenoiser(plan, load_manifest(bundle)) as denoiser:
+        assert denoiser.batch_range == (1, 4) and denoiser._context._addresses.keys() == {
+            "sample", "timestep", "model_output"
+        }  # fmt: skip
+    assert gpu.live() == {}

@@ -86,3 +86,16 @@ def test_bad_weights_when_the_model_is_built(tmp_path, capsys, weight, message):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: weight conv_in.weight ") and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_full_disk_on_save_is_one_line_and_leaves_nothing(tiny_disk):
+    from dtk.checkpoint import save_checkpoint
+    from dtk.runtime.errors import DtkError
+
+    config = UNetConfig.preset("tiny", image_size=8, in_channels=1, out_channels=1, base_channels=8)
+    state = UNet(config).state_dict()
+    path = tiny_disk / "model.pt"
+    with pytest.raises(DtkError) as error:
+        save_checkpoint(path, Checkpoint(config, DiffusionConfig(), state, None, 1, None))
+    assert str(error.value).startswith(f"{path}: cannot write (no space left on device: ")
+    assert list(tiny_disk.iterdir()) == []

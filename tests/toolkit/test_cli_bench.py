@@ -14,7 +14,7 @@ import pytest
 from dtk.cli import main
 from dtk.cli.bench import BenchOptions, availability, child_args, parse_compare, source_checkpoint
 
-QUICK = ["--warmup", "2", "--iterations", "5", "--duration", "0"]
+QUICK = ["--warmup", "2x", "--iterations", "5", "--duration", "0"]
 LATENCY_KEYS = ["min", "mean", "p50", "p90", "p95", "p99", "max"]
 
 
@@ -35,7 +35,7 @@ def test_bundle_on_onnxruntime_writes_the_documented_json(tiny_bundle, tmp_path,
         "3",
         "--sample-runs",
         "1",
-        "--json",
+        "-o",
         str(out_json),
     ]
     code, out, err = _bench(args, capsys)
@@ -68,7 +68,7 @@ def test_bundle_on_onnxruntime_writes_the_documented_json(tiny_bundle, tmp_path,
 
 def test_onnx_path_and_engine_flags(tiny_bundle, tmp_path, capsys):
     out_json = tmp_path / "r.json"
-    code, _, err = _bench(["--onnx", str(tiny_bundle / "unet.onnx"), *QUICK, "--json", str(out_json)], capsys)
+    code, _, err = _bench(["--onnx", str(tiny_bundle / "unet.onnx"), *QUICK, "-o", str(out_json)], capsys)
     assert code == 0, err
     assert json.loads(out_json.read_text())["backend"] == "onnxruntime"
     code, _, err = _bench(["--engine", str(tiny_bundle / "unet.plan"), *QUICK], capsys)
@@ -78,7 +78,7 @@ def test_onnx_path_and_engine_flags(tiny_bundle, tmp_path, capsys):
 
 def test_checkpoint_runs_the_pytorch_baseline(tiny_checkpoint, tmp_path, capsys):
     out_json = tmp_path / "r.json"
-    code, out, err = _bench(["--checkpoint", str(tiny_checkpoint), *QUICK, "--json", str(out_json)], capsys)
+    code, out, err = _bench(["--checkpoint", str(tiny_checkpoint), *QUICK, "-o", str(out_json)], capsys)
     assert code == 0, err
     record = json.loads(out_json.read_text())
     assert record["backend"] == "torch"
@@ -94,7 +94,7 @@ def test_compile_reports_its_compile_time(tiny_checkpoint, tmp_path, capsys, mon
     monkeypatch.setattr(torch, "compile", lambda model, mode=None: compiled.append(mode) or model)
     out_json = tmp_path / "r.json"
     code, _, err = _bench(
-        ["--checkpoint", str(tiny_checkpoint), "--compile", *QUICK, "--json", str(out_json)], capsys
+        ["--checkpoint", str(tiny_checkpoint), "--compile", *QUICK, "-o", str(out_json)], capsys
     )
     assert code == 0, err
     record = json.loads(out_json.read_text())
@@ -114,7 +114,6 @@ def test_compile_reports_its_compile_time(tiny_checkpoint, tmp_path, capsys, mon
         (["{bundle}", "--compare", "torch,fast"], "--compare 'torch,fast': choose from torch, torch-compile"),
         (["{bundle}", "--compare", "torch", "--backend", "torch"], "drop --backend"),
         (["{bundle}/unet.onnx", "--backend", "tensorrt"], "runs on onnxruntime, not --backend tensorrt"),
-        (["{bundle}", "--steps", "2", "--sampler", "euler-x"], "unknown sampler 'euler-x'"),
         (["/nonexistent/bundle"], "/nonexistent/bundle: no such file or directory"),
         ([], "the torch backend needs --checkpoint model.pt"),
     ],
@@ -167,14 +166,14 @@ def test_compare_runs_each_backend_in_its_own_process(tiny_bundle, tmp_path):
         [sys.executable, "-m", "dtk", "bench", str(tiny_bundle), "--compare", "torch,onnxruntime,tensorrt"]
         + [
             "--warmup",
-            "1",
+            "1x",
             "--iterations",
             "3",
             "--duration",
             "0",
             "--threads",
             "1",
-            "--json",
+            "-o",
             str(out_json),
         ],
         capture_output=True,

@@ -24,20 +24,6 @@ def _one_line(err: str) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 64 KiB tmpfs (needs root and mount rights; skipped elsewhere): real ENOSPC and, remounted, EROFS."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
-    )
-    if made.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
 def test_full_disk_is_one_line_and_leaves_nothing(tiny_bundle, tiny_disk, capsys):
     (tiny_disk / "ballast").write_bytes(b"\0" * (64 * 1024 - 512))  # the disk is (almost) full
     out = tiny_disk / "grid.png"
@@ -160,3 +146,51 @@ def test_ctrl_c_during_torch_export_exits_130(tiny_checkpoint, tmp_path):
     assert process.wait(timeout=120) == 130, "".join(lines) + rest
     assert rest == "interrupted\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_raw_pickle_is_one_line_without_torchs_warning(tmp_path):
+    import pickle
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(pickle.dumps({"format": "dtk.checkpoint"}, protocol=4))
+    run = subprocess.run([sys.executable, "-m", "dtk", "inspect", str(path)], capture_output=True, text=True)
+    assert run.returncode == 1
+    assert (
+        run.stderr == f"error: {path}: not a dtk checkpoint (not a PyTorch file of tensors and plain data)\n"
+    )
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_an_opset_too_new_is_one_line_before_any_work(tiny_checkpoint, tmp_path, capfd, exporter):
+    from dtk.export.onnx_export import max_opset
+
+    newest = max_opset(exporter)  # 20 and 23 with the pinned torch
+    assert 18 <= newest < 99
+    out = tmp_path / "bundle"
+    args = ["export", str(tiny_checkpoint), "-o", str(out), "--opset", "99", "--no-progress"]
+    assert main([*args, "--exporter", exporter]) == 1
+    err = capfd.readouterr().err  # capfd: the exporters print from C++ too, past sys.stderr
+    assert err == f"error: opset 99 is newer than the {exporter} exporter writes here (at most {newest})\n"
+    assert not out.exists()
+
+
+def test_multi_line_messages_are_joined(capsys, monkeypatch):
+    from dtk.runtime.errors import DtkError
+
+    def checker_text(path):
+        raise DtkError("the exported ONNX graph failed onnx.checker: bad node\n\n==> Context: Bad node spec")
+
+    monkeypatch.setattr("dtk.export.inspect.describe", checker_text)
+    assert main(["inspect", "x.onnx"]) == 1
+    assert capsys.readouterr().err == (
+        "error: the exported ONNX graph failed onnx.checker: bad node | ==> Context: Bad node spec\n"
+    )
+
+
+def test_out_a_mount_point_is_one_line(tiny_checkpoint, tiny_disk, capsys):
+    args = ["export", str(tiny_checkpoint), "-o", str(tiny_disk), "--no-verify", "--no-progress"]
+    assert main([*args, "--exporter", "torchscript"]) == 1
+    assert _one_line(capsys.readouterr().err) == (
+        f"error: {tiny_disk}: is a mount point; write the bundle to a folder inside it"
+    )
+    assert list(tiny_disk.iterdir()) == [] and [p.name for p in tiny_disk.parent.iterdir()] == ["disk"]

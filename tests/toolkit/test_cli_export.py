@@ -44,7 +44,8 @@ def test_export_prints_the_parity_table(tiny_checkpoint, tmp_path, capsys):
         "--chain-steps",
         "5",
     ]
-    assert main([*args, "--no-progress", "--triton", str(repo), "--triton-kind", "cpu"]) == 0
+    triton = ["--triton", str(repo), "--triton-kind", "cpu", "--serve-steps", "7", "--serve-sampler", "ddpm"]
+    assert main([*args, "--no-progress", *triton]) == 0
     stdout = capsys.readouterr().out
     assert "parity (fp32, CPUExecutionProvider vs PyTorch fp32)" in stdout
     assert stdout.count("single call") == 3 and "5-step ddim chain" in stdout and "parity passed" in stdout
@@ -59,6 +60,7 @@ def test_export_prints_the_parity_table(tiny_checkpoint, tmp_path, capsys):
     assert "max_batch_size: 0" in config and "KIND_CPU" in config
     sampler = (repo / "dtk_sampler" / "config.pbtxt").read_text()
     assert 'backend: "python"' in sampler and "max_batch_size: 2" in sampler
+    assert 'string_value: "7"' in sampler and 'string_value: "ddpm"' in sampler
     assert f"wrote Triton model {repo / 'dtk_sampler'}" in stdout
 
 

@@ -58,7 +58,7 @@ def test_export_a_run_folder(run, tmp_path, capsys):
 
 
 def test_bench_a_run_folder_and_a_checkpoint_given_as_bundle(run, capsys):
-    quick = ["--warmup", "1", "--iterations", "2", "--duration", "0", "--no-system"]
+    quick = ["--warmup", "1x", "--iterations", "2", "--duration", "0", "--no-system"]
     assert main(["bench", "--checkpoint", str(run), *quick]) == 0
     assert "torch" in capsys.readouterr().out
     for given in (run, run / "model.pt"):

@@ -51,6 +51,13 @@ def test_an_existing_run_is_refused_without_resume_and_kept(tmp_path, capsys):
     assert "pass one" in _one_error_line(capsys)
 
 
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "runs" / "new"
+    assert _train(out, "--dataset", str(tmp_path / "nowhere"), "--steps", "1") == 1
+    assert "no such dataset folder" in _one_error_line(capsys)
+    assert not out.exists()
+
+
 def test_out_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
     out = tmp_path / "notes.txt"
     out.write_text("mine")

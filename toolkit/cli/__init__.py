@@ -80,13 +80,13 @@ def main(argv=None) -> int:
         click.echo("aborted", err=True)
         return 130
     except click.ClickException as e:
-        e.show()
+        click.echo(usage_error(e), err=True)
         return e.exit_code
     except (DtkError, OSError, ModuleNotFoundError) as e:
         if debug:
             raise
         if isinstance(e, ModuleNotFoundError):
-            e = missing_extra(e)
+            e = missing_extra(e, next((a for a in argv if a in COMMANDS), None))
         elif isinstance(e, OSError):
             e = os_error(e)
         click.echo(f"error: {one_line(str(e))}", err=True)
@@ -100,15 +100,28 @@ def main(argv=None) -> int:
     return 0
 
 
-def missing_extra(error: ModuleNotFoundError):
-    """`No module named 'torch'` → a DtkError naming the pip extra that installs it."""
+def usage_error(error: click.ClickException) -> str:
+    """click's own errors in dtk's shape: `error: <what is wrong> (see 'dtk <command> --help')`."""
+    text = f"error: {error.format_message()}"
+    ctx = getattr(error, "ctx", None)
+    if isinstance(error, click.UsageError) and ctx is not None:
+        text += f" (see '{ctx.command_path} --help')"
+    return text
+
+
+def missing_extra(error: ModuleNotFoundError, command: str | None = None):
+    """`No module named 'torch'` → a DtkError naming the pip extra that installs it (a runtime-only install,
+    as in the CPU and Jetson images, has neither torch nor onnx)."""
     from dtk.runtime.errors import DtkError
 
     root = (error.name or "").split(".")[0]
     extra = EXTRAS.get(root)
     if extra is None:
         return DtkError(f"{error} (a broken install? reinstall dtk)")
-    return DtkError(f"this needs {root}, which is not installed: pip install 'dtk[{extra}]'")
+    if command == "export" and extra == "train":
+        extra = "export"  # torch, but the export extra brings onnx too
+    what = f"dtk {command}" if command else "this"
+    return DtkError(f"{what} needs {root}, which is not installed here: pip install 'dtk[{extra}]'")
 
 
 def _sigterm_as_interrupt():

@@ -7,6 +7,7 @@ pools slow each other down when they share a process on few cores.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import click
 
 from dtk.runtime.errors import DtkError, file_error
+from dtk.runtime.samplers import SAMPLERS
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 COMPARABLE = ("torch", "torch-compile", "onnxruntime", "tensorrt")
@@ -34,7 +36,7 @@ class BenchOptions:
     compile: bool = False
     backend: str = "auto"
     batch: int = 1
-    warmup: str = "200ms"
+    warmup: str = "200"
     iterations: int = 10
     duration: float = 3.0
     cuda_graph: bool = False
@@ -46,6 +48,8 @@ class BenchOptions:
     threads: int | None = None
     device: str = "auto"
     json_path: Path | None = None
+    json_stdout: bool = False
+    plot: Path | None = None
     compare: str | None = None
     show_system: bool = True
 
@@ -82,9 +86,19 @@ class Target:
 )
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", help="Backend to time.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, help="Images per denoiser call.")
-@click.option("--warmup", default="200ms", help="Warm-up: a number of calls (10) or a time (200ms, 2s).")
-@click.option("--iterations", type=int, default=10, help="Time at least this many calls.")
-@click.option("--duration", type=float, default=3.0, help="...and for at least this many seconds (0: off).")
+@click.option(
+    "--warmup",
+    default="200",
+    help="Warm-up: milliseconds as in trtexec (500), a time with a unit (2s), or a number of calls (10x).",
+)
+@click.option("--iterations", type=click.IntRange(min=1), default=10, help="Time at least this many calls.")
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0),
+    callback=lambda ctx, param, value: _finite(param, value),
+    default=3.0,
+    help="...and for at least this many seconds (0: off).",
+)
 @click.option(
     "--cuda-graph/--no-cuda-graph", default=False, help="TensorRT: capture the call in a CUDA graph."
 )
@@ -96,12 +110,18 @@ class Target:
 @click.option(
     "--steps", type=click.IntRange(min=1), help="Also time sampling end to end with this many steps."
 )
-@click.option("--sampler", default="ddim", help="Sampler for --steps: ddpm, ddim, dpmpp-2m.")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="ddim", help="Sampler for --steps.")
 @click.option("--sample-runs", type=click.IntRange(min=1), default=3, help="End-to-end runs to average.")
-@click.option("--seed", type=int, default=0, help="Seed of the inputs and the sampling noise.")
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, help="Seed of the inputs and the sampling noise."
+)
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (ONNX Runtime intra-op, torch).")
 @click.option("--device", default="auto", help="PyTorch device: auto, cpu, cuda, cuda:1.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON here.")
+@click.option(
+    "-o", "--out", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON here."
+)
+@click.option("--json", "json_stdout", is_flag=True, help="Print the results as JSON instead of the text.")
+@click.option("--plot", type=click.Path(path_type=Path), help="With --compare: draw the comparison as a PNG.")
 @click.option("--compare", help="Backends side by side, each in its own process: torch,onnxruntime,tensorrt.")
 @click.option("--system/--no-system", "show_system", default=True, hidden=True)
 def command(bundle, compile_, **flags):
@@ -113,10 +133,14 @@ def command(bundle, compile_, **flags):
 
     \b
     Examples:
-      dtk bench bundle/ --batch 8 --steps 50 --json ort.json
+      dtk bench bundle/ --batch 8 --steps 50 -o ort.json
       dtk bench --engine bundle/unet.plan --no-transfers --cuda-graph --warmup 500ms --duration 10
       dtk bench bundle/ --checkpoint model.pt --compare torch,onnxruntime,tensorrt"""
     opts = BenchOptions(source=bundle, compile=compile_, **flags)
+    if opts.plot is not None and (not opts.compare or opts.plot.suffix.lower() != ".png"):
+        raise file_error(
+            opts.plot, "--plot draws the --compare table as PNG: use it with --compare and a .png name"
+        )
     if opts.compare:
         run_compare(opts)
     else:
@@ -133,21 +157,41 @@ def run_single(opts: BenchOptions) -> dict:
     config = TimingConfig(Warmup.parse(opts.warmup), opts.iterations, opts.duration)
     target = open_target(opts)
     try:
+        load_before = _load_average()
         result = measure(target, opts, config)
+        load = max(load_before, _load_average())
     finally:
         target.close()
     result.system = system_info()
-    click.echo(format_result(result, with_system=opts.show_system))
     record = result.to_dict()
+    record["load_average"] = round(load, 2)
+    click.echo(json.dumps(record, indent=2) if opts.json_stdout else format_result(result, opts.show_system))
+    cores = os.cpu_count() or 1
+    if load > cores:
+        click.echo(
+            f"warning: the load average was {load:.1f} on {cores} cores while measuring: other work shares "
+            "the CPUs, so these figures are noisy (measure ratios side by side, or on a quiet machine)",
+            err=True,
+        )
     if opts.json_path:
         _write_json(opts.json_path, record, announce=opts.show_system)
     return record
+
+
+def _finite(param, value):
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number of seconds", param=param)
+    return value
 
 
 def measure(target: Target, opts: BenchOptions, config):
     import numpy as np
 
     from dtk.runtime.bench import BenchResult, LatencyStats, TimingConfig, Warmup, time_calls
+    from dtk.runtime.samplers import make_plan
+
+    if opts.steps:  # --steps beyond the schedule: say so before the timing run, not after it
+        make_plan(opts.sampler, target.diffusion, opts.steps)
 
     batch, (c, h, w) = opts.batch, target.sample_shape
     rng = np.random.default_rng(opts.seed)
@@ -457,7 +501,7 @@ def availability(backend: str, opts: BenchOptions, path: Path | None) -> str | N
 
 
 def child_args(backend: str, opts: BenchOptions, path: Path | None, json_path: Path) -> list[str]:
-    args = [sys.executable, "-m", "dtk", "bench", "--no-system", "--json", str(json_path)]
+    args = [sys.executable, "-m", "dtk", "bench", "--no-system", "-o", str(json_path)]
     if backend.startswith("torch"):
         checkpoint = opts.checkpoint or source_checkpoint(path)
         args += ["--checkpoint", str(checkpoint), "--backend", "torch", "--device", opts.device]
@@ -494,7 +538,7 @@ def parse_compare(text: str) -> list[str]:
 
 
 def run_compare(opts: BenchOptions) -> dict:
-    from dtk.runtime.bench import comparison_rows, format_table
+    from dtk.runtime.bench import comparison_columns, comparison_rows, format_table
     from dtk.runtime.system import format_system, system_info
 
     if opts.backend != "auto":
@@ -505,7 +549,8 @@ def run_compare(opts: BenchOptions) -> dict:
         raise file_error(path, "no such file or directory")
 
     system = system_info()
-    click.echo("\n".join(f"{label:<10}  {text}" for label, text in format_system(system)))
+    header = "\n".join(f"{label:<10}  {text}" for label, text in format_system(system))
+    click.echo(header, err=opts.json_stdout)
     records, skipped = [], []
     with tempfile.TemporaryDirectory(prefix="dtk-bench-") as tmp:
         for backend in backends:
@@ -513,25 +558,31 @@ def run_compare(opts: BenchOptions) -> dict:
             if reason is None:
                 click.echo(f"\n== {backend} ==", err=True)
                 json_path = Path(tmp) / f"{backend}.json"
-                reason = _run_child(child_args(backend, opts, path, json_path))
+                reason = _run_child(child_args(backend, opts, path, json_path), opts.json_stdout)
                 if reason is None:
                     record = json.loads(json_path.read_text())
                     record["backend"] = backend
                     records.append(record)
                     continue
             skipped.append({"backend": backend, "reason": reason})
-    click.echo("")
-    click.echo(format_table(comparison_rows(records, skipped)))
     out = {"results": records, "skipped": skipped, "baseline": "torch", "system": system}
+    table = format_table(comparison_rows(records, skipped), comparison_columns(records))
+    click.echo(json.dumps(out, indent=2) if opts.json_stdout else "\n" + table)
     if opts.json_path:
         _write_json(opts.json_path, out)
+    if opts.plot:
+        from dtk.runtime.bench_plot import plot_comparison
+
+        click.echo(f"wrote {plot_comparison(out, opts.plot)}", err=True)
     return out
 
 
-def _run_child(args: list[str]) -> str | None:
-    """Run one backend's bench, passing its output through; None on success, else why it failed."""
+def _run_child(args: list[str], quiet_stdout: bool = False) -> str | None:
+    """Run one backend's bench, passing its output through (to stderr when stdout is for JSON); None on
+    success, else why it failed."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, env=env)
+    stdout = sys.stderr.fileno() if quiet_stdout else None
+    proc = subprocess.Popen(args, stdout=stdout, stderr=subprocess.PIPE, env=env)
     captured = bytearray()
     while chunk := proc.stderr.read1(4096):
         sys.stderr.buffer.write(chunk)
@@ -545,6 +596,14 @@ def _run_child(args: list[str]) -> str | None:
         return "failed: " + errors[-1].removeprefix("error: ")
     tail = [line for line in lines if line.strip()]
     return f"failed (exit code {proc.returncode})" + (f": {tail[-1].strip()}" if tail else "")
+
+
+def _load_average() -> float:
+    """The 1-minute load average (0 where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
 
 
 def _write_json(path: Path, data: dict, announce: bool = True) -> None:

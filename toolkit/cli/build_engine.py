@@ -39,8 +39,8 @@ from dtk.cli.engine_options import engine_options, engine_options_from_flags
     help="Engine check: bound on the 20-step chain's final |Δ| per max(1, |sample|) [fp32 1e-3, fp16 1e-1].",
 )
 @click.option("--verbose", is_flag=True, help="Show TensorRT's whole log.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
-def command(bundle, precision, no_verify, atol, rtol, chain_atol, verbose, no_progress, **engine_flags):
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
+def command(bundle, precision, no_verify, atol, rtol, chain_atol, verbose, progress, **engine_flags):
     """Build unet.plan (and its unet.plan.json sidecar) for BUNDLE with the installed TensorRT.
 
     Build on the machine that will run the engine: a plan only runs with the TensorRT version and on the GPU
@@ -55,7 +55,7 @@ def command(bundle, precision, no_verify, atol, rtol, chain_atol, verbose, no_pr
         chain_atol=chain_atol, **engine_flags,
     )  # fmt: skip
     try:
-        plan = build_engine(bundle, options, progress=not no_progress)
+        plan = build_engine(bundle, options, progress=progress)
     except EngineParityError as e:
         click.echo(format_table(e.report), err=True)
         raise

@@ -4,6 +4,24 @@ from __future__ import annotations
 
 import click
 
+
+class GpuIndex(click.ParamType):
+    """A GPU as the other commands name it, `cuda:N` or `cuda`, or as its index N."""
+
+    name = "N|cuda:N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        index = text.removeprefix("cuda").removeprefix(":") if text.startswith("cuda") else text
+        if index == "" and text == "cuda":
+            return 0
+        if not index.isdigit():
+            self.fail(f"{value!r} is not a GPU: give N, cuda or cuda:N", param, ctx)
+        return int(index)
+
+
 # flag -> (click.option keywords, help); the order here is the order in --help
 _FLAGS = {
     "--workspace": (
@@ -18,7 +36,7 @@ _FLAGS = {
     "--hardware-compat": ({"is_flag": True}, "One plan for every Ampere-or-newer GPU (sm_80+)."),
     "--version-compat": ({"is_flag": True}, "Let later TensorRT versions load the plan."),
     "--strongly-typed": ({"is_flag": True}, "Build strongly typed on TensorRT 10, as 11 always does."),
-    "--device": ({"type": click.IntRange(min=0), "default": 0, "show_default": True}, "GPU to build on."),
+    "--device": ({"type": GpuIndex(), "default": 0, "show_default": True}, "GPU to build on (N or cuda:N)."),
     "--engine-name": (
         {"metavar": "NAME"},
         "Write unet-NAME.plan beside the bundle's other engines (one per GPU model or precision, "

@@ -174,7 +174,7 @@ def parse_batch(value: str):
 )
 @click.option("--no-triton-warmup", is_flag=True, help="Triton: leave out the model_warmup request.")
 @serve_options
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 def command(
     source,
     out,
@@ -204,7 +204,7 @@ def command(
     no_triton_warmup,
     serve_steps,
     serve_sampler,
-    no_progress,
+    progress,
     **engine_flags,
 ):
     """Export SOURCE — a dtk checkpoint (model.pt) or a diffusers UNet2DModel folder — to a bundle: unet.onnx
@@ -238,7 +238,7 @@ def command(
     )
     start = time.perf_counter()
     try:
-        manifest = export_bundle(source, out, options, progress=not no_progress, force=force)
+        manifest = export_bundle(source, out, options, progress=progress, force=force)
     except ParityError as e:
         click.echo(format_table(e.report))
         raise
@@ -262,7 +262,7 @@ def command(
     )
 
     if engine:
-        _build_engine(out, precision, engine_flags, not no_progress)
+        _build_engine(out, precision, engine_flags, progress)
     if triton_dir:
         from dtk.export.triton import SamplerOptions, TritonOptions, write_serving_repository
 
@@ -293,6 +293,10 @@ def _build_engine(out, precision, engine_flags: dict, progress) -> None:
         options = engine_options_from_flags(precision=precision, **engine_flags)
         plan = build_engine(out, options, progress=progress)
     except DtkError as e:
+        if hasattr(e, "report"):  # the engine check failed: its table says where
+            from dtk.export.parity import format_table
+
+            click.echo(format_table(e.report), err=True)
         raise DtkError(
             f"{e}\n(the ONNX bundle {out} was written; build the engine later with `dtk build-engine {out}`)"
         ) from e

@@ -10,7 +10,7 @@ import click
 
 @click.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON instead of the text.")
 def command(path: Path, as_json: bool):
     """Describe PATH: a dtk checkpoint or run folder (config, parameters, step, schedule), a bundle directory
     (I/O, batch, precision, opset, parity results, schedule, source, file sizes and hashes), an .onnx (I/O,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,7 @@ from dtk.runtime.samplers import SAMPLERS
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 RUNTIME_SUFFIXES = (".onnx", ".plan")
+BYTES_PER_VALUE = 4 + 1 + 1  # float32 sample, uint8 image, its copy in the grid
 
 
 @dataclass
@@ -34,6 +37,8 @@ class SampleOptions:
     device: str = "auto"
     weights: str | None = None
     progress: bool = True
+    npy: Path | None = None
+    trajectory: Path | None = None
 
 
 @dataclass
@@ -41,6 +46,8 @@ class SampleResult:
     images: object  # uint8 [N, H, W, C]
     backend: str
     seconds: float  # sampling only, not loading
+    latents: object = None  # float32 [N, C, H, W] in the model's range
+    trajectory: object = None  # a TrajectoryRecorder when --trajectory was asked for
 
 
 def sample(options: SampleOptions) -> SampleResult:
@@ -64,6 +71,9 @@ def _sample_checkpoint(path: Path, options: SampleOptions) -> SampleResult:
     from dtk.runtime.images import to_uint8
 
     ckpt = load_checkpoint(path)
+    config = ckpt.model_config
+    check_memory(options.num, (config.in_channels, config.image_size, config.image_size))
+    recorder = _recorder(options, (config.in_channels, config.image_size, config.image_size))
     start = time.perf_counter()
     latents = sample_checkpoint(
         ckpt,
@@ -76,8 +86,9 @@ def _sample_checkpoint(path: Path, options: SampleOptions) -> SampleResult:
         batch_size=options.batch_size,
         progress=options.progress,
         weights=options.weights or "ema",
+        step_callback=recorder,
     )
-    return SampleResult(to_uint8(latents), "pytorch", time.perf_counter() - start)
+    return SampleResult(to_uint8(latents), "pytorch", time.perf_counter() - start, latents, recorder)
 
 
 def _sample_runtime(path: Path, options: SampleOptions) -> SampleResult:
@@ -87,8 +98,12 @@ def _sample_runtime(path: Path, options: SampleOptions) -> SampleResult:
 
     backend, opts = _backend_options(path, options.backend, options.device)
     with Pipeline.load(path, backend=backend, **opts) as pipeline:
+        check_memory(options.num, pipeline.sample_shape)
+        from dtk.runtime.images import to_uint8
+
+        recorder = _recorder(options, pipeline.sample_shape)
         start = time.perf_counter()
-        images = pipeline.sample(
+        latents = pipeline.sample_latents(
             num=options.num,
             steps=options.steps,
             sampler=options.sampler,
@@ -96,8 +111,50 @@ def _sample_runtime(path: Path, options: SampleOptions) -> SampleResult:
             eta=options.eta,
             max_batch=options.batch_size,
             progress=options.progress,
+            step_callback=recorder,
         )
-        return SampleResult(images, pipeline.backend, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return SampleResult(to_uint8(latents), pipeline.backend, seconds, latents, recorder)
+
+
+def _recorder(options: SampleOptions, shape_chw):
+    if options.trajectory is None:
+        return None
+    from dtk.runtime.trajectory import TrajectoryRecorder
+
+    return TrajectoryRecorder(options.seed, options.num, options.steps, shape_chw)
+
+
+def check_memory(num: int, shape: tuple[int, int, int]) -> None:
+    """Refuse --num when the images would not fit in memory (float32 samples, uint8 images and the grid)."""
+    need = num * math.prod(shape) * BYTES_PER_VALUE
+    have = available_memory()
+    if need > have:
+        c, h, w = shape
+        raise DtkError(
+            f"--num {num}: {num} images of {c}x{h}x{w} would need {_size(need)} of memory and "
+            f"{_size(have)} is available; sample fewer per run (several runs with other --seed values)"
+        )
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo; elsewhere physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def _backend_options(path: Path, backend: str, device: str) -> tuple[str, dict]:
@@ -127,7 +184,23 @@ def write_outputs(result: SampleResult, options: SampleOptions) -> list[Path]:
     written = [save_grid(result.images, options.out, nrow=options.nrow)]
     if options.images_dir is not None:
         written += save_images(result.images, options.images_dir)
+    if options.npy is not None:
+        write_npy(options.npy, result.latents)
+        written.append(options.npy)
+    if options.trajectory is not None:
+        written.append(result.trajectory.save(options.trajectory))
     return written
+
+
+def write_npy(path: Path, array) -> Path:
+    """The raw samples as .npy, written to a temporary name and renamed into place."""
+    import numpy as np
+
+    from dtk.runtime.files import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.asarray(array, dtype=np.float32))
+    return path
 
 
 @click.command("sample")
@@ -142,7 +215,12 @@ def write_outputs(result: SampleResult, options: SampleOptions) -> list[Path]:
     "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Same seed, same images."
 )
 @click.option(
-    "--out", type=click.Path(path_type=Path), default=Path("samples.png"), show_default=True, help="Grid PNG."
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("samples.png"),
+    show_default=True,
+    help="Grid PNG.",
 )
 @click.option("--images-dir", type=click.Path(path_type=Path), help="Also write each image as a PNG here.")
 @click.option("--nrow", type=click.IntRange(min=1), help="Images per grid row [default: √num].")
@@ -154,21 +232,40 @@ def write_outputs(result: SampleResult, options: SampleOptions) -> list[Path]:
     help="For bundles, .onnx and .plan (auto: TensorRT if a plan and a GPU are usable, else ONNX Runtime).",
 )
 @click.option(
-    "--batch-size", type=click.IntRange(min=1), help="Images per network call [default: all / max]."
+    "--batch",
+    "--batch-size",
+    "batch_size",
+    type=click.IntRange(min=1),
+    help="Most images per network call [default: all at once / the bundle's max].",
 )
 @click.option(
     "--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (mps: checkpoints)."
 )
 @click.option("--weights", type=click.Choice(["ema", "raw"]), help="Checkpoint weights [default: ema].")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@click.option(
+    "--npy",
+    type=click.Path(path_type=Path),
+    help="Also write the raw float32 samples [N, C, H, W] in the model's range [-1, 1] as .npy.",
+)
+@click.option(
+    "--trajectory",
+    type=click.Path(path_type=Path),
+    help="Also draw the reverse chain x_T → x_0 of the first 4 images at 7 steps as a PNG.",
+)
 def command(**flags):
     """Sample images from PATH: a checkpoint (model.pt, with PyTorch) or the run folder it is in, a bundle
     directory, .onnx or .plan."""
     options = SampleOptions(**flags)
     if options.out.is_dir():
         raise file_error(options.out, "is a directory; give a .png file name")
-    if options.out.suffix.lower() != ".png":
-        raise file_error(options.out, "the grid is written as PNG: use a .png name")
+    for path, suffix, what in (
+        (options.out, ".png", "the grid is written as PNG"),
+        (options.trajectory, ".png", "the trajectory is written as PNG"),
+        (options.npy, ".npy", "the samples are written as NumPy .npy"),
+    ):
+        if path is not None and path.suffix.lower() != suffix:
+            raise file_error(path, f"{what}: use a {suffix} name")
     result = sample(options)
     written = write_outputs(result, options)
     click.echo(
@@ -176,4 +273,10 @@ def command(**flags):
         f"on {result.backend} in {result.seconds:.2f} s"
     )
     if options.images_dir is not None:
-        click.echo(f"wrote {len(written) - 1} images to {options.images_dir}")
+        click.echo(
+            f"wrote {len(list(options.images_dir.glob('sample_*.png')))} images to {options.images_dir}"
+        )
+    if options.npy is not None:
+        click.echo(f"wrote {options.npy}: float32 {list(result.latents.shape)}")
+    if options.trajectory is not None:
+        click.echo(f"wrote {options.trajectory}: {result.trajectory.caption()}")

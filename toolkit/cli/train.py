@@ -39,12 +39,13 @@ POSITIVE = click.IntRange(min=1)
 COUNT = click.IntRange(min=0)
 
 
-def option(name: str, help: str, **kwargs):
-    """A flag for TrainConfig field `name`, defaulting to the dataclass default."""
+def option(name: str, help: str, aliases: tuple = (), **kwargs):
+    """A flag for TrainConfig field `name`, defaulting to the dataclass default; `aliases` are the names the
+    other dtk commands use for the same thing (-o, --batch)."""
     flag = "--" + name.replace("_", "-")
     kwargs.setdefault("default", _DEFAULTS[name])
     kwargs.setdefault("show_default", kwargs["default"] is not None and not kwargs.get("is_flag"))
-    return click.option(flag, name, help=help, **kwargs)
+    return click.option(*aliases, flag, name, help=help, **kwargs)
 
 
 @click.command(
@@ -52,7 +53,8 @@ def option(name: str, help: str, **kwargs):
 )
 @option(
     "out",
-    "Run folder: model.pt, log.csv, loss.png and the sample grids samples_<step>.png are written here.",
+    aliases=("-o",),
+    help="Run folder: model.pt, log.csv, loss.png and the sample grids samples_<step>.png are written here.",
     type=str,
 )
 @option(
@@ -101,7 +103,7 @@ def option(name: str, help: str, **kwargs):
     type=Real(0.0, min_open=True),
 )
 @option("steps", "Optimizer steps to train for (in total, when resuming).", type=POSITIVE)
-@option("batch_size", "Images per micro-batch per process.", type=POSITIVE)
+@option("batch_size", "Images per micro-batch per process.", aliases=("--batch",), type=POSITIVE)
 @option("grad_accum", "Micro-batches accumulated per optimizer step.", type=POSITIVE)
 @option("lr", "Peak learning rate of AdamW.", type=Real(0.0, min_open=True))
 @option(
