@@ -2,8 +2,9 @@
 
 Quality is a Fréchet distance (FID's formula) on the features of a small digits classifier this script trains
 itself, between generated samples and the real digits the model learned from (benchmarks/README.md explains
-why not Inception features). Samplers: DDPM 1000 steps, DDIM 10/20/50, DPM-Solver++(2M) 10/20, each sampled
-through the runtime (ONNX Runtime on the exported bundle) with the same seed.
+why not Inception features). Samplers: DDPM 1000 steps, and every other sampler at 5, 10 and 20 steps (DDIM
+also 50), with sampling options as `sampler+option` (karras, trailing, threshold, noclip, sigma_min, heun),
+each sampled through the runtime (ONNX Runtime on the exported bundle) with the same seed.
 
     dtk train --preset tiny --dataset digits --image-size 16 --steps 4000 --out runs/digits
     python benchmarks/quality_vs_steps.py --checkpoint runs/digits/model.pt
@@ -26,8 +27,34 @@ import numpy as np
 from dtk.export.frechet import feature_stats, frechet_distance
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SETTINGS = (("ddpm", 1000), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("dpmpp-2m", 10), ("dpmpp-2m", 20))
-SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp-2m": "DPM-Solver++(2M)"}
+SAMPLER_NAMES = {
+    "ddpm": "DDPM",
+    "ddim": "DDIM",
+    "dpmpp-2m": "DPM-Solver++(2M)",
+    "dpmpp-2m-sde": "DPM-Solver++(2M) SDE",
+    "dpmpp-3m": "DPM-Solver++(3M)",
+    "unipc": "UniPC-2 (bh2)",
+    "euler": "Euler",
+    "euler-ancestral": "Euler ancestral",
+}
+# a setting's options: diffusers scheduler fields set on the bundle's config for that setting
+OPTIONS = {
+    "karras": {"use_karras_sigmas": True},
+    "trailing": {"timestep_spacing": "trailing"},
+    "threshold": {"thresholding": True},
+    "noclip": {"clip_sample": False},
+    "sigma_min": {"final_sigmas_type": "sigma_min"},
+    "heun": {"solver_type": "heun"},
+}
+SETTINGS = (
+    ("ddim", 50),
+    *((sampler, steps) for sampler in list(SAMPLER_NAMES)[1:] for steps in (5, 10, 20)),
+    *((f"{sampler}+karras", steps) for sampler in ("dpmpp-2m", "dpmpp-3m", "unipc") for steps in (5, 10)),
+    *((f"{sampler}+trailing", 10) for sampler in ("ddim", "dpmpp-2m", "unipc")),
+    ("dpmpp-2m+noclip", 10),
+    ("unipc+karras+threshold", 10),
+    ("ddpm", 1000),  # last: the longest, and the reference
+)
 
 
 # --- the metric ---
@@ -137,19 +164,47 @@ def as_displayed(latents: np.ndarray) -> np.ndarray:
     return to_uint8(latents).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
 
 
-def sample_settings(bundle: Path, settings, num: int, seed: int, batch_size: int) -> list[dict]:
+def split_setting(name: str) -> tuple[str, dict]:
+    """ "unipc+karras+noclip" → ("unipc", {"use_karras_sigmas": True, "clip_sample": False})."""
+    sampler, *options = name.split("+")
+    unknown = [o for o in options if o not in OPTIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown option {unknown[0]!r}; choose from {', '.join(OPTIONS)}")
+    return sampler, {k: v for option in options for k, v in OPTIONS[option].items()}
+
+
+def bundle_with(bundle: Path, options: dict, folder: Path) -> Path:
+    """A view of `bundle` whose manifest sets `options` on the diffusion config (the files are links)."""
+    if not options:
+        return bundle
+    view = folder / "+".join(f"{k}={v}" for k, v in sorted(options.items()))
+    view.mkdir(parents=True, exist_ok=True)
+    for item in bundle.iterdir():
+        if item.name != "dtk.json" and not (view / item.name).exists():
+            (view / item.name).symlink_to(item.resolve())
+    manifest = json.loads((bundle / "dtk.json").read_text())
+    manifest["diffusion"].update(options)
+    (view / "dtk.json").write_text(json.dumps(manifest))
+    return view
+
+
+def sample_settings(
+    bundle: Path, settings, num: int, seed: int, batch_size: int, folder: Path, score
+) -> list:
+    """Sample every setting; `score(run)` as each one is done (so a long run reports as it goes)."""
     from dtk.runtime.pipeline import Pipeline
 
     out = []
-    with Pipeline.load(bundle, backend="onnxruntime") as pipeline:
-        for sampler, steps in settings:
-            print(f"sampling {num} with {sampler}, {steps} steps", file=sys.stderr)
+    for name, steps in settings:
+        sampler, options = split_setting(name)
+        print(f"sampling {num} with {name}, {steps} steps", file=sys.stderr)
+        with Pipeline.load(bundle_with(bundle, options, folder), backend="onnxruntime") as pipeline:
             start = time.perf_counter()
             latents = pipeline.sample_latents(num, steps, sampler, seed, max_batch=batch_size, progress=True)
             seconds = time.perf_counter() - start
-            out.append(
-                {"sampler": sampler, "steps": steps, "images": as_displayed(latents), "seconds": seconds}
-            )
+        run = {"sampler": name, "steps": steps, "images": as_displayed(latents), "seconds": seconds}
+        run["score"] = score(run)
+        out.append(run)
     return out
 
 
@@ -160,6 +215,11 @@ def export(checkpoint: Path, bundle: Path, batch_size: int, precision: str = "fp
     return bundle
 
 
+def display_name(setting: str) -> str:
+    sampler, *options = setting.split("+")
+    return " + ".join([SAMPLER_NAMES.get(sampler, sampler), *options])
+
+
 def parse_settings(text: str) -> tuple:
     """ "ddpm:1000,ddim:10" → (("ddpm", 1000), ("ddim", 10))."""
     pairs = []
@@ -167,6 +227,7 @@ def parse_settings(text: str) -> tuple:
         sampler, _, steps = item.strip().partition(":")
         if not steps.isdigit():
             raise argparse.ArgumentTypeError(f"{item!r}: expected sampler:steps, e.g. ddim:20")
+        split_setting(sampler)
         pairs.append((sampler, int(steps)))
     return tuple(pairs)
 
@@ -200,6 +261,28 @@ def int8_rows(int8_runs, runs, results, classifier, mu_real, cov_real) -> list[d
 # --- report ---
 
 
+def goal(results: list[dict], max_nfe: int = 10, margin: float = 0.10) -> dict | None:
+    """The issue's goal: a setting at <= max_nfe network evaluations within `margin` of DDPM-1000."""
+    chains = [r for r in results if r["sampler"] == "ddpm" and r["nfe"] == 1000]
+    few = [r for r in results if r["nfe"] <= max_nfe]
+    if not chains or not few:
+        return None
+    reference = chains[0]["frechet_distance"]
+    best = min(few, key=lambda r: r["frechet_distance"])
+    target = (1.0 + margin) * reference
+    return {
+        "ddpm_1000": reference,
+        "target": round(target, 4),
+        "best": {
+            "sampler": best["sampler"],
+            "steps": best["steps"],
+            "frechet_distance": best["frechet_distance"],
+        },
+        "ratio": round(best["frechet_distance"] / reference, 4),
+        "met": best["frechet_distance"] <= target,
+    }
+
+
 def plot(data: dict, path: Path) -> None:
     import matplotlib
 
@@ -208,14 +291,19 @@ def plot(data: dict, path: Path) -> None:
 
     from dtk.runtime.files import atomic_path
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(9.0, 6.0))
     for k, sampler in enumerate(dict.fromkeys(r["sampler"] for r in data["results"])):
         rows = [r for r in data["results"] if r["sampler"] == sampler]
         nfe = [r["nfe"] for r in rows]
         fd = [r["frechet_distance"] for r in rows]
-        ax.plot(nfe, fd, marker="o", color=f"C{k}", label=SAMPLER_NAMES.get(sampler, sampler))
-        for x, y in zip(nfe, fd, strict=True):
-            ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        style = "-" if "+" not in sampler else "--"
+        ax.plot(nfe, fd, style, marker="o", color=f"C{k % 10}", label=display_name(sampler), markersize=4)
+        if len(rows) == 1 or sampler == "ddpm":
+            for x, y in zip(nfe, fd, strict=True):
+                ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if data.get("goal"):
+        target = data["goal"]["target"]
+        ax.axhline(target, color="C3", linestyle=":", label=f"DDPM-1000 + 10%: {target:.2f}")
     floor = data["real_floor"]["mean"]
     ax.axhline(floor, color="gray", linestyle="--", label=f"real vs real ({data['num']} images): {floor:.2f}")
     ax.set_xscale("log")
@@ -224,11 +312,11 @@ def plot(data: dict, path: Path) -> None:
     ax.minorticks_off()
     ax.set_xlabel("network evaluations per image")
     ax.set_ylabel("Fréchet distance on digits-classifier features")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, min(40.0, max(r["frechet_distance"] for r in data["results"]) * 1.05))
     ax.set_title(
         f"{data['checkpoint']['name']}: quality against steps ({data['num']} samples each)", fontsize=10
     )
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -251,7 +339,7 @@ def sample_sheet(runs: list[dict], path: Path, per_row: int = 24) -> None:
         grid = make_grid(to_uint8(run["images"][:per_row]), nrow=per_row)
         ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
         ax.set_axis_off()
-        name = SAMPLER_NAMES.get(run["sampler"], run["sampler"])
+        name = display_name(run["sampler"])
         ax.set_title(f"{name}, {run['steps']} steps", fontsize=8, loc="left")
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -280,13 +368,6 @@ def main() -> None:
 
     ckpt = load_checkpoint(args.checkpoint)
     config = ckpt.model_config
-    with tempfile.TemporaryDirectory() as tmp:
-        bundle = args.bundle or export(args.checkpoint, Path(tmp) / "bundle", args.batch_size)
-        runs = sample_settings(bundle, args.settings, args.num, args.seed, args.batch_size)
-        if args.int8:  # the same settings and seeds on the int8 export of the same checkpoint
-            int8 = export(args.checkpoint, Path(tmp) / "int8", args.batch_size, "int8")
-            int8_runs = sample_settings(int8, args.int8, args.num, args.seed, args.batch_size)
-
     print("training the digits classifier", file=sys.stderr)
     real, labels = real_digits(config.image_size, config.in_channels)
     classifier, accuracy = train_classifier(real, labels, args.classifier_epochs, args.seed)
@@ -300,21 +381,34 @@ def main() -> None:
         )
         for _ in range(5)
     ]
-    results = []
-    for run in runs:
+    print(
+        f"classifier test accuracy {accuracy:.3f}; real-vs-real floor {np.mean(floor):.3f}", file=sys.stderr
+    )
+
+    def score(run: dict) -> dict:
         features, probabilities = embed(classifier, run["images"])
-        results.append(
-            {
-                "sampler": run["sampler"],
-                "steps": run["steps"],
-                "nfe": run["steps"],  # every sampler here calls the network once per step
-                "frechet_distance": round(frechet_distance(*feature_stats(features), mu_real, cov_real), 4),
-                "class_coverage": round(class_coverage(probabilities), 4),
-                "confident": round(float((probabilities.max(1) > 0.9).mean()), 4),
-                "seconds": round(run["seconds"], 2),
-                "ms_per_image": round(1000 * run["seconds"] / args.num, 3),
-            }
-        )
+        row = {
+            "sampler": run["sampler"],
+            "steps": run["steps"],
+            "nfe": run["steps"],  # every sampler here calls the network once per step
+            "frechet_distance": round(frechet_distance(*feature_stats(features), mu_real, cov_real), 4),
+            "class_coverage": round(class_coverage(probabilities), 4),
+            "confident": round(float((probabilities.max(1) > 0.9).mean()), 4),
+            "seconds": round(run["seconds"], 2),
+            "ms_per_image": round(1000 * run["seconds"] / args.num, 3),
+        }
+        print(f"  {row['sampler']} {row['steps']}: FD {row['frechet_distance']}", file=sys.stderr, flush=True)
+        return row
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = args.bundle or export(args.checkpoint, Path(tmp) / "bundle", args.batch_size)
+        runs = sample_settings(bundle, args.settings, args.num, args.seed, args.batch_size, Path(tmp), score)
+        if args.int8:  # the same settings and seeds on the int8 export of the same checkpoint
+            int8 = export(args.checkpoint, Path(tmp) / "int8", args.batch_size, "int8")
+            folder = Path(tmp) / "int8-views"
+            folder.mkdir()
+            int8_runs = sample_settings(int8, args.int8, args.num, args.seed, args.batch_size, folder, score)
+    results = [run.pop("score") for run in runs]
     system = system_info()
     data = {
         "checkpoint": {
@@ -332,6 +426,7 @@ def main() -> None:
         "classifier": {"test_accuracy": round(accuracy, 4), "features": 64, "epochs": args.classifier_epochs},
         "real_floor": {"mean": round(float(np.mean(floor)), 4), "runs": [round(f, 4) for f in floor]},
         "results": results,
+        "goal": goal(results),
         "machine": machine_name(system),
         "system": system,
     }
@@ -340,7 +435,10 @@ def main() -> None:
     stem = args.out / "quality_vs_steps"
     write_text(stem.with_suffix(".json"), json.dumps(data, indent=2) + "\n")
     plot(data, stem.with_suffix(".png"))
-    sample_sheet(runs, args.out / "quality_vs_steps_samples.png")
+    sample_sheet(
+        [r for r in runs if r["steps"] == 10 or r["sampler"] == "ddpm"],
+        args.out / "quality_vs_steps_samples.png",
+    )
     print(f"classifier test accuracy {accuracy:.3f}; real-vs-real floor {np.mean(floor):.3f}")
     for r in results:
         print(

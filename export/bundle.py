@@ -217,6 +217,7 @@ def export_bundle(
                 onnx_path, source, batch, result.opset, options.precision, parity, export_info
             )
             manifest.quantization = quantization or {}
+            manifest.scheduler_config = _scheduler_config(tmp, source.diffusion, log)
             manifest.save(tmp)
             load_manifest(tmp / MANIFEST_NAME)  # what we wrote must read back
     return manifest
@@ -372,6 +373,15 @@ def _converter(precision: str):
 
     report = Fp16Report()
     return report, lambda model: convert_to_fp16(model, report)
+
+
+def _scheduler_config(bundle: Path, diffusion, log) -> str:
+    from dtk.export.scheduler_config import write_scheduler_config
+
+    path, gaps = write_scheduler_config(bundle, diffusion)
+    for gap in gaps:
+        log(f"warning: {gap}")
+    return path.name
 
 
 def _file_hashes(onnx_path: Path) -> dict:

@@ -20,12 +20,6 @@ from dtk.runtime.schedule import DiffusionConfig
 
 WEIGHTS = ("ema", "raw")
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-# diffusers scheduler options that change the sampling math in ways dtk's samplers do not reproduce
-_UNSUPPORTED_SCHEDULER = {
-    "trained_betas": "explicit trained_betas",
-    "rescale_betas_zero_snr": "rescale_betas_zero_snr",
-    "thresholding": "dynamic thresholding",
-}
 
 
 @dataclass
@@ -147,10 +141,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _diffusion_from_scheduler(path: Path) -> DiffusionConfig:
-    data = _read_json(path)
-    for key, what in _UNSUPPORTED_SCHEDULER.items():
-        if data.get(key):
-            raise file_error(path, f"{what} is not supported by dtk's samplers")
+    data = _read_json(path)  # every field is honoured or refused by from_dict, _class_name sets the sampler
     try:
         check_diffusion_fields(data, DiffusionConfig)  # a float T, a beta_end of 2: named with the file
         return DiffusionConfig.from_dict(data)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dtk.runtime.errors import DtkError, file_error
-from dtk.runtime.files import sha256, write_bytes
+from dtk.runtime.files import locked, sha256, write_bytes
 from dtk.runtime.manifest import PLAN_NAME, PRECISIONS, Manifest, resolve_bundle
 from dtk.runtime.sidecar import AMPERE, HARDWARE_COMPAT, PlanSidecar, architecture, this_platform
 
@@ -173,10 +173,16 @@ def build_engine(bundle_dir, options: EngineOptions | None = None, progress: boo
     if options.verify:
         sidecar.parity = _checked(data, sidecar, bundle, manifest, options, precision, progress)
     plan_path = bundle / options.plan_name
-    write_bytes(plan_path, data)
-    sidecar.save(plan_path)
-    manifest.plan = options.plan_name
-    manifest.save(bundle)
+    with locked(bundle):  # the lock an export takes to replace the bundle: never write into a folder it swaps
+        _, manifest = resolve_bundle(bundle)
+        if sha256(bundle / manifest.onnx) != sidecar.onnx_sha256:
+            raise file_error(
+                bundle, "was exported again while the engine was built; run dtk build-engine again"
+            )
+        write_bytes(plan_path, data)
+        sidecar.save(plan_path)
+        manifest.plan = options.plan_name
+        manifest.save(bundle)
     return plan_path
 
 

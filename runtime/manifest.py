@@ -57,6 +57,7 @@ class Manifest:
     opset: int = 18
     onnx: str = ONNX_NAME
     plan: str | None = None
+    scheduler_config: str | None = None  # diffusers' scheduler_config.json for the bundle's default sampler
     parity: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)  # kind, path, sha256
     model: dict = field(default_factory=dict)  # architecture config and parameter count, informative
@@ -91,7 +92,7 @@ class Manifest:
                 "batch": dict(self.batch),
             },
             "diffusion": {**self.diffusion.to_dict(), "betas": [float(b) for b in self.betas]},
-            "files": {"onnx": self.onnx, "plan": self.plan},
+            "files": {"onnx": self.onnx, "plan": self.plan, "scheduler_config": self.scheduler_config},
             "precision": self.precision,
             "opset": self.opset,
             "parity": self.parity,
@@ -206,6 +207,9 @@ def _fields(data: dict) -> Manifest:
         opset=need_int(data["opset"], "opset", 1),
         onnx=need_file_name(files["onnx"], "files.onnx"),
         plan=need_file_name(files.get("plan"), "files.plan", optional=True),
+        scheduler_config=need_file_name(
+            files.get("scheduler_config"), "files.scheduler_config", optional=True
+        ),
         **sections,
         created_by=need_type(data.get("created_by", ""), "created_by", str, "a string"),
     )

@@ -81,7 +81,7 @@ class Pipeline:
         self,
         num: int = 1,
         steps: int = 50,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         seed: int = 0,
         eta: float = 0.0,
         callback=None,
@@ -113,6 +113,7 @@ class Pipeline:
         num = num if seeds is None else len(seeds)
         _check_sample_args(num, steps, sampler, eta, callback, max_batch)
         plan = self.plan(sampler, steps, eta)
+        sampler = plan.name
         chunks = self.chunks(num, max_batch)
         shape = self.sample_shape
         if latents is not None:
@@ -163,10 +164,19 @@ class Pipeline:
                 bar.close()
         return np.concatenate(images)
 
-    def plan(self, sampler: str, steps: int, eta: float = 0.0):
-        """The sampler's plan on this bundle's schedule, made once per (sampler, steps, eta)."""
+    @property
+    def default_sampler(self) -> str:
+        """The bundle's sampler (set by a diffusers scheduler class at export), else dtk's default."""
+        from dtk.runtime.schedule import DEFAULT_SAMPLER
+
+        return self.manifest.diffusion.sampler or DEFAULT_SAMPLER
+
+    def plan(self, sampler: str | None, steps: int, eta: float = 0.0):
+        """The sampler's plan on this bundle's schedule (None: its default sampler), made once per
+        (sampler, steps, eta)."""
         from dtk.runtime.samplers import make_plan
 
+        sampler = sampler or self.default_sampler
         key = (sampler, steps, eta)
         if key not in self._plans:
             self._plans[key] = make_plan(sampler, self.manifest.diffusion, steps, eta=eta)
@@ -179,7 +189,7 @@ class Pipeline:
         self,
         num: int = 1,
         steps: int = 50,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         seed: int = 0,
         eta: float = 0.0,
         callback=None,
@@ -204,7 +214,7 @@ class Pipeline:
         output_type: str = "np",
         latents=None,
         *,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         eta: float = 0.0,
         callback=None,
         callback_steps: int = 1,
@@ -347,7 +357,7 @@ def _check_sample_args(num, steps, sampler, eta, callback, max_batch) -> None:
     integer(steps, "steps")
     if max_batch is not None:
         integer(max_batch, "max_batch")
-    if not isinstance(sampler, str):
+    if sampler is not None and not isinstance(sampler, str):  # None: the bundle's default sampler
         raise DtkError(f"sampler must be a sampler name, got {sampler!r}")
     if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating)) or not np.isfinite(eta):
         raise DtkError(f"eta must be a finite number, got {eta!r}")

@@ -51,17 +51,45 @@ def test_class_coverage():
 
 
 def test_settings_parse_and_cover_the_issue():
-    assert quality.parse_settings("ddpm:1000, ddim:10") == (("ddpm", 1000), ("ddim", 10))
+    from dtk.runtime.samplers import SAMPLERS
+
+    assert quality.parse_settings("ddpm:1000, unipc+karras:10") == (("ddpm", 1000), ("unipc+karras", 10))
     with pytest.raises(Exception, match="expected sampler:steps"):
         quality.parse_settings("ddim")
-    assert set(quality.SETTINGS) == {
-        ("ddpm", 1000),
-        ("ddim", 10),
-        ("ddim", 20),
-        ("ddim", 50),
-        ("dpmpp-2m", 10),
-        ("dpmpp-2m", 20),
-    }
+    with pytest.raises(Exception, match="unknown option 'fast'"):
+        quality.parse_settings("ddim+fast:10")
+    assert ("ddpm", 1000) in quality.SETTINGS
+    for sampler in SAMPLERS[1:]:  # the curve of every sampler
+        assert {(sampler, 5), (sampler, 10), (sampler, 20)} <= set(quality.SETTINGS)
+    assert quality.split_setting("dpmpp-2m+karras+noclip") == (
+        "dpmpp-2m",
+        {"use_karras_sigmas": True, "clip_sample": False},
+    )
+
+
+def test_goal_is_the_best_setting_within_ten_evaluations():
+    rows = [
+        {"sampler": "ddpm", "steps": 1000, "nfe": 1000, "frechet_distance": 4.0},
+        {"sampler": "ddim", "steps": 10, "nfe": 10, "frechet_distance": 6.0},
+        {"sampler": "unipc", "steps": 10, "nfe": 10, "frechet_distance": 4.3},
+        {"sampler": "unipc", "steps": 20, "nfe": 20, "frechet_distance": 3.9},
+    ]
+    goal = quality.goal(rows)
+    assert goal["best"] == {"sampler": "unipc", "steps": 10, "frechet_distance": 4.3}
+    assert goal["target"] == pytest.approx(4.4) and goal["ratio"] == pytest.approx(1.075) and goal["met"]
+    assert quality.goal(rows[1:]) is None  # no DDPM-1000 reference
+
+
+def test_bundle_views_set_options_on_the_manifest(tmp_path):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "dtk.json").write_text('{"diffusion": {"clip_sample": true}}')
+    (bundle / "unet.onnx").write_bytes(b"onnx")
+    view = quality.bundle_with(bundle, {"clip_sample": False}, tmp_path / "views")
+    assert (view / "unet.onnx").read_bytes() == b"onnx" and (view / "unet.onnx").is_symlink()
+    assert '"clip_sample": false' in (view / "dtk.json").read_text()
+    assert (bundle / "dtk.json").read_text() == '{"diffusion": {"clip_sample": true}}'  # untouched
+    assert quality.bundle_with(bundle, {}, tmp_path / "views") == bundle
 
 
 def test_digits_classifier_shapes():

@@ -16,6 +16,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dtk.runtime.backends.update_kernel import (  # noqa: F401 (the kernel's names are cuda's API)
+    BLOCK_SIZE,
+    COEFF_SLOTS,
+    UPDATE_KERNEL_NAME,
+    UPDATE_KERNEL_SOURCE,
+    kernel_coefficients,
+)
 from dtk.runtime.errors import DtkError
 
 CUDA_PYTHON_HINT = (
@@ -31,56 +38,7 @@ NVRTC_HINT = (
 MODULE_TOO_NEW = ("CUDA_ERROR_UNSUPPORTED_PTX_VERSION", "CUDA_ERROR_NO_BINARY_FOR_GPU")
 ALLOCATORS = ("cuda-python", "pycuda")
 
-UPDATE_KERNEL_NAME = "dtk_sampler_update"
-COEFF_SLOTS = 8  # p, q, a, b, c, d, e, clip
-BLOCK_SIZE = 256
 MAX_BLOCKS = 65535
-
-# The sampler update of dtk.runtime.samplers.update, one element per thread, in fp32:
-#   x0 = p*x + q*out;  x0 = clip(x0, -clip, clip) if clip > 0
-#   x_next = a*x + b*out + c*x0 + d*x0_prev + e*noise
-# in place: x <- x_next, x0_prev <- x0. The coefficients come from a device buffer, so a captured CUDA graph
-# replays every step with that step's numbers. The clamp keeps NaN as NaN, like numpy's clip. Terms whose
-# coefficient is zero are left out, as the host update leaves them out (so a NaN there does not propagate).
-UPDATE_KERNEL_SOURCE = r"""
-__host__ __device__ inline float dtk_add_term(float total, float coefficient, float value)
-{
-    return coefficient != 0.0f ? total + coefficient * value : total;
-}
-
-__host__ __device__ inline void dtk_update_element(
-    float x, float out, float x0_prev, float noise, const float* coeffs, float* x_next, float* x0)
-{
-    const float p = coeffs[0], q = coeffs[1], a = coeffs[2], b = coeffs[3];
-    const float c = coeffs[4], d = coeffs[5], e = coeffs[6], clip = coeffs[7];
-    float v = dtk_add_term(dtk_add_term(0.0f, p, x), q, out);
-    if (clip > 0.0f) {
-        v = v < -clip ? -clip : (v > clip ? clip : v);
-    }
-    float next = dtk_add_term(dtk_add_term(0.0f, a, x), b, out);
-    next = dtk_add_term(dtk_add_term(dtk_add_term(next, c, v), d, x0_prev), e, noise);
-    *x_next = next;
-    *x0 = v;
-}
-
-extern "C" __global__ void dtk_sampler_update(
-    float* __restrict__ x,              // [n] x_t in, x_next out
-    float* __restrict__ x0_prev,        // [n] previous step's x0 in, this step's x0 out
-    const float* __restrict__ out,      // [n] network output at x_t
-    const float* __restrict__ noise,    // [n] fresh N(0, 1) noise, read only when e != 0
-    const float* __restrict__ coeffs,   // [8] p, q, a, b, c, d, e, clip (clip <= 0: none)
-    long long n)
-{
-    const float e = coeffs[6];
-    const long long stride = (long long)blockDim.x * gridDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        float x_next, x0;
-        dtk_update_element(x[i], out[i], x0_prev[i], e != 0.0f ? noise[i] : 0.0f, coeffs, &x_next, &x0);
-        x[i] = x_next;
-        x0_prev[i] = x0;
-    }
-}
-"""
 
 
 class CudaError(DtkError):
@@ -567,19 +525,27 @@ class UpdateKernel:
         noise: DeviceBuffer,
         coeffs: DeviceBuffer,
         n: int,
+        image_elements: int,
     ) -> None:
-        """x ← x_next and x0_prev ← x0 over the first `n` float32 elements; coeffs holds 8 float32."""
-        _check_fits(4 * n, x, x0_prev, out, noise)
+        """x ← x_next and the x0 history ← (x0, x0_prev) over the first `n` float32 elements, images of
+        `image_elements` each; x0_prev holds [2, n] (x0_prev, then x0_prev2); coeffs holds one
+        `kernel_coefficients` row."""
+        if image_elements < 1 or n % image_elements:
+            raise ValueError(f"{n} elements are not whole images of {image_elements}")
+        _check_fits(4 * n, x, out, noise)
+        _check_fits(8 * n, x0_prev)
         _check_fits(4 * COEFF_SLOTS, coeffs)
-        # cuLaunchKernel takes an array of pointers to the argument values; all six are 8 bytes wide.
-        values = np.array([x.ptr, x0_prev.ptr, out.ptr, noise.ptr, coeffs.ptr, n], dtype=np.uint64)
+        # cuLaunchKernel takes an array of pointers to the argument values; all seven are 8 bytes wide.
+        values = np.array(
+            [x.ptr, x0_prev.ptr, out.ptr, noise.ptr, coeffs.ptr, n, image_elements], dtype=np.uint64
+        )
         pointers = values.ctypes.data + 8 * np.arange(len(values), dtype=np.uint64)
-        blocks = max(1, min(-(-n // BLOCK_SIZE), MAX_BLOCKS))
+        blocks = max(1, min(-(-image_elements // BLOCK_SIZE), MAX_BLOCKS))
         self._session.cuda.drv(
             "cuLaunchKernel",
             self._function,
             blocks,
-            1,
+            n // image_elements,
             1,
             BLOCK_SIZE,
             1,

@@ -186,7 +186,8 @@ class OnnxRuntimeDenoiser(DenoiserBase):
         On the device path `callback(i, t, x)` receives the device OrtValue (`.numpy()` copies it)."""
         from dtk.runtime.samplers import sample_loop
 
-        if not self.io_binding:
+        if not self.io_binding or plan.history > 1 or plan.threshold is not None:
+            # the bound update graph has one x0 history term and clips only: the host loop does the rest
             return sample_loop(self, x, plan, noise, callback)
         return self._run_bound_chain(plan, np.asarray(x, dtype=np.float32), noise, callback)
 
@@ -211,7 +212,7 @@ class OnnxRuntimeDenoiser(DenoiserBase):
         model_output, step_noise = upload(zeros), upload(zeros)
         # every step's timesteps and scalars go to the device once, before the loop
         timesteps = [upload(np.full(x.shape[0], t, dtype=self.timestep_dtype)) for t in plan.timesteps]
-        coeffs = [[upload(c) for c in row] for row in np.asarray(plan.coeffs, dtype=np.float32)]
+        coeffs = [[upload(c) for c in row[: len(UPDATE_COEFFS)]] for row in plan.coeffs.astype(np.float32)]
         clip = np.array(plan.clip or np.finfo(np.float32).max, dtype=np.float32)
         bounds = [upload(-clip), upload(clip)]
 

@@ -27,6 +27,7 @@ from dtk.runtime.backends.cuda import (
     UpdateKernel,
     UpdateKernelUnavailable,
     gpu_info,
+    kernel_coefficients,
 )
 from dtk.runtime.errors import DtkError, file_error
 from dtk.runtime.manifest import Manifest
@@ -214,7 +215,7 @@ class TensorRTDenoiser(DenoiserBase):
             session = self._session
             nbytes = self.batch_range[1] * self._elements[self._sample] * 4
             kernel = UpdateKernel(session)  # compiles first: NvrtcUnavailable leaves nothing half made
-            self._x0_prev = session.device_buffer(nbytes)
+            self._x0_prev = session.device_buffer(2 * nbytes)  # the x0 history: x0_prev, x0_prev2
             self._noise_device = session.device_buffer(nbytes)
             self._noise_host = session.host_buffer(nbytes)
             self._coeffs_device = session.device_buffer(4 * COEFF_SLOTS)
@@ -323,10 +324,9 @@ class TensorRTDenoiser(DenoiserBase):
         count = x.size
         self._set_batch(batch)
         self._stage(self._sample, x)
-        session.zero(self._x0_prev, 4 * count)
+        session.zero(self._x0_prev, 8 * count)
 
-        coeffs = np.asarray(plan.coeffs, dtype=np.float64)
-        clip = float(plan.clip) if plan.clip else 0.0
+        coeffs = kernel_coefficients(plan, self._elements[self._sample])
         needs_noise = np.asarray(plan.needs_noise, dtype=bool)
         timesteps = np.asarray(plan.timesteps)
         graph = self._step_graph(kernel, batch) if self.cuda_graph else None
@@ -338,7 +338,7 @@ class TensorRTDenoiser(DenoiserBase):
         for i, t in enumerate(timesteps):
             session.synchronize()  # the previous step has read the pinned staging buffers
             timestep_host[:] = t
-            coeffs_host[:] = (*coeffs[i], clip)
+            coeffs_host[:] = coeffs[i]
             if pending is not None:
                 noise_host[:] = pending.reshape(-1)
             if graph is not None:
@@ -370,6 +370,7 @@ class TensorRTDenoiser(DenoiserBase):
             noise=self._noise_device,
             coeffs=self._coeffs_device,
             n=count,
+            image_elements=self._elements[self._sample],
         )
 
     def _step_graph(self, kernel: UpdateKernel, batch: int):

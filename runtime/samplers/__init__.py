@@ -2,6 +2,6 @@
 
 from dtk.runtime.samplers.loop import sample_loop
 from dtk.runtime.samplers.noise import NoiseSource
-from dtk.runtime.samplers.plan import SAMPLERS, SamplerPlan, make_plan, update
+from dtk.runtime.samplers.plan import SAMPLERS, SamplerPlan, Threshold, make_plan, update
 
-__all__ = ["SAMPLERS", "NoiseSource", "SamplerPlan", "make_plan", "sample_loop", "update"]
+__all__ = ["SAMPLERS", "NoiseSource", "SamplerPlan", "Threshold", "make_plan", "sample_loop", "update"]

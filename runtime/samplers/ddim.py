@@ -8,14 +8,22 @@ import math
 import numpy as np
 
 from dtk.runtime.errors import DtkError
-from dtk.runtime.samplers.plan import SamplerPlan, ddpm_timesteps, eps_coefficients, x0_coefficients
+from dtk.runtime.samplers.plan import (
+    SamplerPlan,
+    ddpm_timesteps,
+    eps_coefficients,
+    x0_coefficients,
+    x0_transform,
+)
 from dtk.runtime.schedule import DiffusionConfig
 
 
 def ddim_plan(
-    config: DiffusionConfig, steps: int, eta: float = 0.0, set_alpha_to_one: bool = True
+    config: DiffusionConfig, steps: int, eta: float = 0.0, set_alpha_to_one: bool | None = None
 ) -> SamplerPlan:
-    """`set_alpha_to_one`: the step after t's last uses ᾱ = 1 (diffusers' default) rather than ᾱ_0."""
+    """`set_alpha_to_one` (default: the config's): the step after t's last uses ᾱ = 1 rather than ᾱ_0."""
+    if set_alpha_to_one is None:
+        set_alpha_to_one = config.set_alpha_to_one
     if not 0.0 <= eta <= 1.0:
         raise DtkError(f"eta must be between 0 and 1, got {eta}")
     ts = ddpm_timesteps("ddim", config, steps)
@@ -34,5 +42,4 @@ def ddim_plan(
         direction = math.sqrt(max(1.0 - abar_prev - std**2, 0.0))  # "direction pointing to x_t", eq. 12
         # x_prev = √ᾱ_prev·x0 + direction·ε + σ_t·z, with ε from the unclipped output
         coeffs[i] = (p, q, direction * u, direction * w, math.sqrt(abar_prev), 0.0, std)
-    clip = config.clip_sample_range if config.clip_sample else None
-    return SamplerPlan("ddim", ts, coeffs, clip)
+    return SamplerPlan("ddim", ts, coeffs, *x0_transform(config))

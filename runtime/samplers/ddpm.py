@@ -1,7 +1,7 @@
 """DDPM ancestral sampling (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", eq. 6-7).
 
-As diffusers' DDPMScheduler with variance_type="fixed_small": the full Markov chain, or a strided one with
-fewer steps than T."""
+As diffusers' DDPMScheduler: the full Markov chain, or a strided one with fewer steps than T; variance_type
+"fixed_small" (the posterior's β̃_t) or "fixed_large" (β_t, no noise on a step at t = 0)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from dtk.runtime.samplers.plan import SamplerPlan, ddpm_timesteps, x0_coefficients
+from dtk.runtime.samplers.plan import SamplerPlan, ddpm_timesteps, x0_coefficients, x0_transform
 from dtk.runtime.schedule import DiffusionConfig
 
 
@@ -26,7 +26,9 @@ def ddpm_plan(config: DiffusionConfig, steps: int) -> SamplerPlan:
         # posterior q(x_prev | x_t, x0) = N(c*x0 + a*x_t, variance)  (eq. 7)
         c = math.sqrt(abar_prev) * beta / (1.0 - abar)
         a = math.sqrt(alpha) * (1.0 - abar_prev) / (1.0 - abar)
-        variance = (1.0 - abar_prev) / (1.0 - abar) * beta  # β̃_t; zero on the last step
+        if config.variance_type == "fixed_large":
+            variance = beta if t > 0 else 0.0
+        else:
+            variance = (1.0 - abar_prev) / (1.0 - abar) * beta  # β̃_t; zero on the last step
         coeffs[i] = (p, q, a, 0.0, c, 0.0, math.sqrt(variance))
-    clip = config.clip_sample_range if config.clip_sample else None
-    return SamplerPlan("ddpm", ts, coeffs, clip)
+    return SamplerPlan("ddpm", ts, coeffs, *x0_transform(config))

@@ -19,9 +19,13 @@ def sample_loop(
     if noise is None and any(needs_noise):
         raise ValueError(f"{plan.name} adds noise on {sum(needs_noise)} steps: pass a noise source")
     x0_prev = _zeros_like(x)
+    x0_prev2 = _zeros_like(x) if plan.history == 2 else None
+    clip, threshold = plan.clip, plan.threshold
     for i, (t, row) in enumerate(zip(plan.timesteps.tolist(), plan.coeffs.tolist(), strict=True)):
         out = denoise(x, t)
-        x, x0_prev = update(row, x, out, x0_prev, noise(i) if needs_noise[i] else None, plan.clip)
+        step_noise = noise(i) if needs_noise[i] else None
+        x, x0 = update(row, x, out, x0_prev, step_noise, clip, x0_prev2, threshold)
+        x0_prev, x0_prev2 = x0, x0_prev
         if callback is not None:
             callback(i, t, x)
     return x

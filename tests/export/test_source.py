@@ -98,10 +98,14 @@ def test_bad_diffusers_folders(tmp_path, files, problem):
 @pytest.mark.parametrize(
     "scheduler, problem",
     [
-        ({"trained_betas": [0.1, 0.2]}, "trained_betas is not supported"),
+        ({"trained_betas": [0.1, 0.2]}, "trained_betas \\(a list of 2\\) is not supported"),
         ({"beta_schedule": "sigmoid"}, "unknown beta_schedule 'sigmoid'"),
-        ({"thresholding": True}, "dynamic thresholding"),
-        ({"num_train_timesteps": 1000.0}, "num_train_timesteps must be an integer, got 1000.0"),
+        ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr \\(True\\) is not supported"),
+        ({"_class_name": "PNDMScheduler"}, "scheduler class 'PNDMScheduler' has no dtk sampler"),
+        ({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver"}, "not supported"),
+        ({"variance_type": "learned_range"}, "unknown variance_type 'learned_range'"),
+        ({"num_train_timesteps": 1000.0}, "num_train_timesteps must be an integer"),
+        ({"skip_prk_steps": True}, "unknown scheduler field 'skip_prk_steps'"),
     ],
 )
 def test_unsupported_scheduler_configs(tmp_path, small_unet2d, scheduler, problem):

@@ -553,3 +553,37 @@ def test_several_engines_per_bundle_each_with_its_sidecar(tmp_path, monkeypatch,
     ]
     with pytest.raises(DtkError, match="engine name 'Orin NX'"):
         _build(bundle, engine_name="Orin NX")
+
+
+def test_the_plan_waits_for_an_export_that_holds_the_bundle(tmp_path, trt10):
+    import threading
+
+    from dtk.runtime.files import locked
+
+    bundle = _bundle(tmp_path)
+    built = threading.Event()
+    with locked(bundle):  # what `dtk export -o bundle` holds while it swaps the folder
+        worker = threading.Thread(target=lambda: (_build(bundle), built.set()))
+        worker.start()
+        assert not built.wait(1.0)
+        assert not (bundle / "unet.plan").exists()
+    worker.join(60)
+    assert built.is_set() and (bundle / "unet.plan").is_file()
+
+
+def test_a_bundle_exported_again_during_the_build_gets_no_stale_plan(tmp_path, trt10, monkeypatch):
+    from dtk.export import tensorrt
+
+    bundle = _bundle(tmp_path)
+    original = tensorrt._checked
+
+    def reexport_during_check(*args, **kwargs):
+        result = original(*args, **kwargs)
+        graph = bundle / "unet.onnx"
+        graph.write_bytes(graph.read_bytes() + b" ")  # another model's graph lands meanwhile
+        return result
+
+    monkeypatch.setattr(tensorrt, "_checked", reexport_during_check)
+    with pytest.raises(DtkError, match="exported again while the engine was built"):
+        _build(bundle)
+    assert not (bundle / "unet.plan").exists()

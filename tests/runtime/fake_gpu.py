@@ -473,30 +473,40 @@ class FakeGpu:
             if found.capture is not None and module not in gpu.launched and not gpu.capture_loads:
                 found.capture_invalid = True  # the first launch loads the kernel: not while capturing
                 return (CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,)
-            # kernelParams: an array of six pointers, each to an 8-byte argument (the driver copies them now)
-            slots = (ctypes.c_uint64 * 6).from_address(params)
-            x, x0_prev, out, noise, coeffs, n = (ctypes.c_uint64.from_address(slot).value for slot in slots)
-            for ptr in (x, x0_prev, out, noise):
+            # kernelParams: seven pointers, each to an 8-byte argument (the driver copies them now)
+            slots = (ctypes.c_uint64 * 7).from_address(params)
+            x, history, out, noise, coeffs, n, image_n = (
+                ctypes.c_uint64.from_address(slot).value for slot in slots
+            )
+            for ptr in (x, out, noise):
                 if not gpu.region(ptr, 4 * n, "device"):
                     return (CUresult.CUDA_ERROR_INVALID_VALUE,)
-            if not gpu.region(coeffs, 32, "device"):
+            if not gpu.region(history, 8 * n, "device") or not gpu.region(coeffs, 48, "device"):
+                return (CUresult.CUDA_ERROR_INVALID_VALUE,)
+            if gy * image_n != n:
                 return (CUresult.CUDA_ERROR_INVALID_VALUE,)
             gpu.launched.add(module)
             gpu.launches.append({"grid": (gx, gy, gz), "block": (bx, by, bz), "n": n})
 
             def run():
-                p, q, a, b, c, d, e, clip = gpu.view(coeffs, 8, np.float32)
-                xs, x0s, outs = (
-                    gpu.view(x, n, np.float32),
-                    gpu.view(x0_prev, n, np.float32),
-                    gpu.view(out, n, np.float32),
-                )
+                p, q, a, b, c, d, e, d2, clip, low, fraction, top = gpu.view(coeffs, 12, np.float32)
+                xs, outs = gpu.view(x, n, np.float32), gpu.view(out, n, np.float32)
+                x0s, x0s_before = gpu.view(history, n, np.float32), gpu.view(history + 4 * n, n, np.float32)
                 v = p * xs + q * outs
-                if clip > 0:
+                if low >= 0:  # dynamic thresholding per image, from the quantile's position
+                    images = np.sort(np.abs(v.reshape(gy, -1)), axis=1)
+                    k = int(low)
+                    lo, hi = images[:, k], images[:, min(k + 1, image_n - 1)]
+                    scale = np.clip(lo + fraction * (hi - lo), 1.0, top)
+                    v = (np.clip(v.reshape(gy, -1), -scale[:, None], scale[:, None]) / scale[:, None]).ravel()
+                elif clip > 0:
                     v = np.where(v < -clip, -clip, np.where(v > clip, clip, v))
                 nxt = a * xs + b * outs + c * v + d * x0s
+                if d2 != 0:
+                    nxt = nxt + d2 * x0s_before
                 if e != 0:
                     nxt = nxt + e * gpu.view(noise, n, np.float32)
+                x0s_before[:] = x0s
                 xs[:], x0s[:] = nxt, v
 
             gpu.enqueue(stream, "update", run)

@@ -127,7 +127,7 @@ def test_run_chain_is_used_when_the_denoiser_has_one(manifest):
     [
         ({"num": 0}, "num must be at least 1"),
         ({"max_batch": 9}, r"batch size 9 is outside the model's batch range \(1..8\)"),
-        ({"sampler": "euler-ancestral"}, "unknown sampler 'euler-ancestral'"),
+        ({"sampler": "euler-a"}, "unknown sampler 'euler-a'"),
         ({"steps": 0}, "steps must be between 1"),
         ({"seed": -1}, "seed must be a non-negative integer"),
     ],

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from dtk.runtime.errors import DtkError
-from dtk.runtime.samplers import SAMPLERS, NoiseSource, SamplerPlan, make_plan, sample_loop, update
+from dtk.runtime.samplers import SAMPLERS, NoiseSource, SamplerPlan, Threshold, make_plan, sample_loop, update
+from dtk.runtime.samplers.plan import dynamic_threshold
 from dtk.runtime.schedule import DiffusionConfig
 
 LINEAR = DiffusionConfig()
@@ -33,11 +34,21 @@ def run(plan: SamplerPlan, config=LINEAR, num=2, seed=0, dtype=np.float32):
 
 
 def test_registry():
-    assert SAMPLERS == ("ddpm", "ddim", "dpmpp-2m")
+    assert SAMPLERS == (
+        "ddpm",
+        "ddim",
+        "dpmpp-2m",
+        "dpmpp-2m-sde",
+        "dpmpp-3m",
+        "unipc",
+        "euler",
+        "euler-ancestral",
+    )
     for name in SAMPLERS:
         plan = make_plan(name, LINEAR, 10)
         assert plan.name == name and plan.timesteps.dtype == np.int64 and plan.coeffs.dtype == np.float64
-        assert plan.coeffs.shape == (10, 7) and plan.steps == 10
+        assert plan.coeffs.shape == (10, 8) and plan.steps == 10
+        assert plan.history == (2 if name in ("dpmpp-3m", "unipc") else 1)
 
 
 def test_ddpm_plan_pinned():
@@ -53,6 +64,7 @@ def test_ddpm_plan_pinned():
             0.031875166798809716,
             0,
             0.90538393679022144,
+            0,
         ],
         rtol=1e-12,
     )
@@ -64,7 +76,7 @@ def test_ddim_plan_pinned():
     plan = make_plan("ddim", LINEAR, 10)
     np.testing.assert_allclose(
         plan.coeffs[5],
-        [2.2728915839172408, -2.041087002614495, 0, 0.7784528742811719, 0.6277030528230543, 0, 0],
+        [2.2728915839172408, -2.041087002614495, 0, 0.7784528742811719, 0.6277030528230543, 0, 0, 0],
     )
     assert not plan.needs_noise.any()
     assert make_plan("ddim", LINEAR, 10, eta=0.5).needs_noise.tolist() == [True] * 9 + [False]
@@ -81,6 +93,7 @@ def test_dpmpp_2m_plan_pinned():
         0.2745351756600548,
         -0.08683414873543235,
         0,
+        0,
     ]
     np.testing.assert_allclose(plan.coeffs[5], row, rtol=1e-12)
     assert plan.coeffs[0, 5] == 0 and plan.coeffs[-1, 5] == 0  # first order on the first and last steps
@@ -93,7 +106,7 @@ def test_dpmpp_first_step_is_ddim():
     plan = make_plan("dpmpp-2m", LINEAR, 10)
     abar = LINEAR.alphas_cumprod[plan.timesteps[:2]]
     alpha, sigma = np.sqrt(abar), np.sqrt(1 - abar)
-    p, q, a, b, c, d, e = plan.coeffs[0]
+    p, q, a, b, c, d, e, d2 = plan.coeffs[0]
     assert a == pytest.approx(sigma[1] / sigma[0], rel=1e-12)
     assert c == pytest.approx(alpha[1] - alpha[0] * sigma[1] / sigma[0], rel=1e-12)
     assert (p, q) == pytest.approx((1 / alpha[0], -sigma[0] / alpha[0]), rel=1e-12)
@@ -104,7 +117,7 @@ def test_dpmpp_first_step_is_ddim():
 def test_last_step_returns_x0(sampler, prediction):
     """Every sampler ends on ᾱ = 1 (σ = 0): the final sample is the last x0 prediction."""
     plan = make_plan(sampler, DiffusionConfig(prediction_type=prediction), 10)
-    assert tuple(plan.coeffs[-1, 2:]) == pytest.approx((0, 0, 1, 0, 0), abs=1e-12)
+    assert tuple(plan.coeffs[-1, 2:]) == pytest.approx((0, 0, 1, 0, 0, 0), abs=1e-12)
 
 
 def test_ddim_with_eta_one_over_all_timesteps_is_ddpm():
@@ -129,7 +142,10 @@ def test_sampled_values_pinned():
 def test_clip_plan_follows_config():
     config = DiffusionConfig(clip_sample=True, clip_sample_range=1.5)
     assert make_plan("ddpm", config, 5).clip == 1.5 and make_plan("ddim", config, 5).clip == 1.5
-    assert make_plan("dpmpp-2m", config, 5).clip is None  # diffusers' DPM-Solver does not clip either
+    # dtk clips x0 on every sampler (diffusers' DPM-Solver: its thresholding with sample_max_value 1)
+    assert all(make_plan(name, config, 5).clip == 1.5 for name in SAMPLERS)
+    thresholded = make_plan("unipc", DiffusionConfig(clip_sample=True, thresholding=True), 5)
+    assert thresholded.clip is None and thresholded.threshold.ratio == 0.995
 
 
 def test_update_formula():
@@ -148,17 +164,33 @@ def test_update_skips_noise_when_e_is_zero():
     assert x_next.dtype == np.float32 and x_next.tolist() == [0.5] * 3
 
 
-def test_update_on_torch_matches_numpy():
+@pytest.mark.parametrize("threshold", [None, Threshold(0.8, 1.3)])
+def test_update_on_torch_matches_numpy(threshold):
     import torch
 
     rng = np.random.default_rng(0)
-    x, out, x0_prev, noise = (rng.standard_normal((2, 1, 3, 3)).astype(np.float32) for _ in range(4))
-    row = make_plan("dpmpp-2m", LINEAR, 10).coeffs[4] + np.array([0, 0, 0, 0, 0, 0, 0.3])
-    ours = update(row, x, out, x0_prev, noise, 1.0)
-    theirs = update(row, *(torch.from_numpy(a) for a in (x, out, x0_prev, noise)), 1.0)
+    x, out, x0_prev, x0_prev2, noise = (
+        rng.standard_normal((2, 1, 3, 3)).astype(np.float32) for _ in range(5)
+    )
+    row = make_plan("unipc", LINEAR, 10).coeffs[4] + np.array([0, 0, 0, 0, 0, 0, 0.3, 0])
+    assert row[7] != 0  # UniPC uses x0 two steps back
+    clip = None if threshold else 1.0
+    ours = update(row, x, out, x0_prev, noise, clip, x0_prev2, threshold)
+    tensors = [torch.from_numpy(a) for a in (x, out, x0_prev, noise)]
+    theirs = update(row, *tensors, clip, torch.from_numpy(x0_prev2), threshold)
     for a, b in zip(ours, theirs, strict=True):
         assert b.dtype == torch.float32
         np.testing.assert_allclose(b.numpy(), a, rtol=1e-6, atol=1e-6)
+
+
+def test_dynamic_threshold_pinned():
+    """Per image: s = the ratio-quantile of |x0| (linear interpolation), clamped to [1, max]; x0 → clip/s."""
+    x0 = np.array([[0.5, -3.0, 2.0, 1.0], [0.2, 0.4, -0.6, 0.8]]).reshape(2, 1, 2, 2)
+    out = dynamic_threshold(x0, Threshold(0.5, 1.6))
+    # image 0: |x0| sorted 0.5 1 2 3, median 1.5 → s = 1.5; image 1: median 0.5 → s = 1 (plain clipping)
+    np.testing.assert_allclose(out[0].ravel(), [0.5 / 1.5, -1.0, 1.0, 1.0 / 1.5])
+    np.testing.assert_allclose(out[1].ravel(), [0.2, 0.4, -0.6, 0.8])
+    np.testing.assert_allclose(dynamic_threshold(x0, Threshold(1.0, 2.0))[0].ravel(), [0.25, -1, 1, 0.5])
 
 
 def test_sample_loop_on_torch_matches_numpy():
@@ -218,7 +250,7 @@ def test_trailing_spacing_gives_the_requested_steps():
 @pytest.mark.parametrize(
     "sampler, steps, kwargs, message",
     [
-        ("euler-a", 10, {}, "unknown sampler 'euler-a'; choose one of ddpm, ddim, dpmpp-2m"),
+        ("euler-a", 10, {}, "unknown sampler 'euler-a'; choose one of ddpm, ddim, dpmpp-2m, dpmpp-2m-sde"),
         ("ddim", 0, {}, "steps must be between 1 and num_train_timesteps \\(1000\\), got 0"),
         ("ddpm", 1001, {}, "got 1001"),
         ("dpmpp-2m", 5000, {}, "got 5000"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -83,7 +84,8 @@ def test_config_round_trips_and_maps_to_diffusers():
     )
     assert DiffusionConfig.from_dict(config.to_dict()) == config
     assert config.to_diffusers()["beta_schedule"] == "squaredcos_cap_v2"
-    assert DiffusionConfig.from_dict({**config.to_diffusers(), "variance_type": "fixed_small"}) == config
+    as_ddpm = dataclasses.replace(config, sampler="ddpm")  # the class name sets the default sampler
+    assert DiffusionConfig.from_dict({**config.to_diffusers(), "variance_type": "fixed_small"}) == as_ddpm
 
 
 @pytest.mark.parametrize(
@@ -150,3 +152,100 @@ def test_step_count_out_of_range_is_refused(steps):
 def test_unknown_spacing_is_refused():
     with pytest.raises(DtkError, match="timestep_spacing"):
         timesteps(1000, 10, "uniform")
+
+
+# every diffusers field the issue named as silently dropped: now honoured (a field) or refused (one line)
+HONOURED = {
+    "set_alpha_to_one": False,
+    "variance_type": "fixed_large",
+    "use_karras_sigmas": True,
+    "solver_type": "heun",
+    "final_sigmas_type": "sigma_min",
+    "lambda_min_clipped": -5.1,
+    "thresholding": True,
+    "dynamic_thresholding_ratio": 0.9,
+    "sample_max_value": 2.0,
+    "disable_corrector": [0, 2],
+}
+REFUSED = [
+    ({"trained_betas": [0.001] * 1000}, "trained_betas \\(a list of 1000\\) is not supported"),
+    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr \\(True\\) is not supported"),
+    ({"use_exponential_sigmas": True}, "use_exponential_sigmas \\(True\\) is not supported"),
+    ({"timestep_type": "continuous"}, "timestep_type \\('continuous'\\) is not supported"),
+    ({"predict_x0": False}, "predict_x0 \\(False\\) is not supported"),
+    ({"variance_type": "learned_range"}, "unknown variance_type 'learned_range'"),
+    ({"solver_type": "logrho-x"}, "unknown solver_type"),
+    ({"final_sigmas_type": "max"}, "unknown final_sigmas_type"),
+    ({"algorithm_type": "sde-dpmsolver"}, "algorithm_type='sde-dpmsolver', solver_order=2 is not supported"),
+    ({"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}, "solver_order=3 is not supported"),
+    ({"_class_name": "UniPCMultistepScheduler", "solver_order": 3}, "solver_order=3 is not supported"),
+    ({"_class_name": "LMSDiscreteScheduler"}, "'LMSDiscreteScheduler' has no dtk sampler"),
+    ({"skip_prk_steps": True}, "unknown scheduler field 'skip_prk_steps'"),
+    ({"num_train_timesteps": 1000.0}, "num_train_timesteps must be an integer, got 1000.0"),
+    ({"clip_sample_range": -1.0}, "clip_sample_range must be positive"),
+    ({"clip_sample": "yes"}, "clip_sample must be true or false"),
+    ({"dynamic_thresholding_ratio": 1.5}, "dynamic_thresholding_ratio must lie in \\(0, 1\\]"),
+    ({"sample_max_value": 0.5}, "sample_max_value must be at least 1"),
+    ({"lambda_min_clipped": float("nan")}, "lambda_min_clipped must be a number or null"),
+    ({"disable_corrector": [-1]}, "disable_corrector must be a list of step indices"),
+    ({"steps_offset": -1}, "steps_offset must not be negative"),
+    ({"sampler": "plms"}, "unknown sampler 'plms'"),
+]
+
+
+def test_diffusers_fields_are_honoured():
+    config = DiffusionConfig.from_dict(HONOURED)
+    for key, value in HONOURED.items():
+        assert getattr(config, key) == (tuple(value) if isinstance(value, list) else value), key
+    assert DiffusionConfig.from_dict(config.to_dict()) == config
+    # inert values of refused fields, and diffusers' metadata, are accepted
+    inert = {"trained_betas": None, "rescale_betas_zero_snr": False, "_diffusers_version": "0.42.1"}
+    assert DiffusionConfig.from_dict(inert) == DiffusionConfig()
+
+
+@pytest.mark.parametrize("data, message", REFUSED)
+def test_diffusers_fields_are_refused_with_one_line(data, message):
+    with pytest.raises(DtkError, match=message) as error:
+        DiffusionConfig.from_dict(data)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "class_name, extra, sampler",
+    [
+        ("DDPMScheduler", {}, "ddpm"),
+        ("DDIMScheduler", {}, "ddim"),
+        ("DPMSolverMultistepScheduler", {}, "dpmpp-2m"),
+        ("DPMSolverMultistepScheduler", {"solver_order": 3}, "dpmpp-3m"),
+        ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "dpmpp-2m-sde"),
+        ("UniPCMultistepScheduler", {"solver_order": 2}, "unipc"),
+        ("EulerDiscreteScheduler", {}, "euler"),
+        ("EulerAncestralDiscreteScheduler", {}, "euler-ancestral"),
+    ],
+)
+def test_the_scheduler_class_sets_the_default_sampler(class_name, extra, sampler):
+    import diffusers
+
+    stock = dict(getattr(diffusers, class_name)().config)  # every field diffusers writes, at its default
+    stock = {k: v for k, v in stock.items() if not k.startswith("_")}
+    config = DiffusionConfig.from_dict({"_class_name": class_name, **stock, **extra})
+    assert config.sampler == sampler
+    assert config.to_diffusers()["_class_name"] == class_name
+
+
+def test_a_manifest_with_an_unsupported_field_is_refused(tiny_bundle, tmp_path):
+    import json
+
+    from dtk.runtime.manifest import load_manifest
+
+    data = json.loads((tiny_bundle / "dtk.json").read_text())
+    data["diffusion"]["rescale_betas_zero_snr"] = True
+    (tmp_path / "dtk.json").write_text(json.dumps(data))
+    with pytest.raises(DtkError, match="dtk.json: rescale_betas_zero_snr \\(True\\) is not supported"):
+        load_manifest(tmp_path)
+
+
+def test_lambda_min_clipped_minus_infinity_is_no_clipping():
+    assert DiffusionConfig.from_dict({"lambda_min_clipped": -float("inf")}).lambda_min_clipped is None
+    assert "lambda_min_clipped" not in DiffusionConfig(sampler="dpmpp-2m").to_diffusers()
+    assert DiffusionConfig(lambda_min_clipped=-5.1).to_diffusers("dpmpp-2m")["lambda_min_clipped"] == -5.1

@@ -154,7 +154,8 @@ def test_the_sample_stays_on_the_device_between_steps(tmp_path, gpu):
         want += ["H2D", "H2D"] + ["H2D"] * needs_noise + ["engine", "update"]
     assert gpu.log == want + ["D2H"]  # x comes back once, at the end
     assert [launch["n"] for launch in gpu.launches] == [2 * 64] * 5
-    assert all(launch["block"] == (256, 1, 1) and launch["grid"] == (1, 1, 1) for launch in gpu.launches)
+    # the grid is (blocks per image, images): one block covers an image of 64
+    assert all(launch["block"] == (256, 1, 1) and launch["grid"] == (1, 2, 1) for launch in gpu.launches)
 
 
 def test_a_cuda_graph_is_captured_once_per_batch_and_replayed(tmp_path, gpu):
@@ -390,3 +391,23 @@ def test_the_pipeline_samples_through_run_chain(tmp_path, gpu):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert steps == plan.timesteps.tolist()
     assert gpu.live() == {}
+
+
+@pytest.mark.parametrize("transform", ["threshold", "clip"])
+def test_run_chain_keeps_two_x0_and_thresholds_per_image(tmp_path, gpu, transform):
+    """The d2 history term and dynamic thresholding through the backend's coefficient rows (the fake kernel
+    follows the CUDA source's contract), against the host loop."""
+    from dtk.runtime.samplers import Threshold
+
+    base = _sampler_plan(steps=5, seed=3, clip=None)
+    coeffs = base.coeffs.copy()
+    coeffs[:, 7] = np.linspace(0.2, -0.3, base.steps)  # d2 on every step
+    threshold = Threshold(0.8, 1.4) if transform == "threshold" else None
+    plan = SamplerPlan("d2", base.timesteps, coeffs, None if threshold else 1.0, threshold)
+    assert plan.history == 2
+    x = np.random.default_rng(4).standard_normal((3, 1, 8, 8), dtype=np.float32) * 2
+    table = _noise_table(plan, x.shape)
+    want = _host_chain(plan, x, table)
+    with _denoiser(tmp_path, cuda_graph=True) as denoiser:
+        got = denoiser.run_chain(plan, x, table.__getitem__)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

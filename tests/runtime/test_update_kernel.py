@@ -17,9 +17,14 @@ import subprocess
 import numpy as np
 import pytest
 
-from dtk.runtime.backends.cuda import UPDATE_KERNEL_NAME, UPDATE_KERNEL_SOURCE
+from dtk.runtime.backends.cuda import (
+    COEFF_SLOTS,
+    UPDATE_KERNEL_NAME,
+    UPDATE_KERNEL_SOURCE,
+    kernel_coefficients,
+)
 from dtk.runtime.errors import DtkError
-from dtk.runtime.samplers import update
+from dtk.runtime.samplers import SamplerPlan, Threshold, update
 
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
@@ -28,19 +33,44 @@ HARNESS = r"""
 #include <cstdio>
 #include <cstdlib>
 __SOURCE__
-// in: n (int64), coeffs[8], then x, out, x0_prev, noise (n float32 each); out: x_next, x0 (n float32 each)
+// in: n, image_n (int64), coeffs[12], then x, out, x0_prev, x0_prev2, noise (n float32 each);
+// out: x_next, x0 (n float32 each). Per image: the kernel's threshold search, then its element update.
 int main(int argc, char** argv) {
     FILE* in = fopen(argv[1], "rb");
-    long long n;
-    float coeffs[8];
-    if (fread(&n, 8, 1, in) != 1 || fread(coeffs, 4, 8, in) != 8) return 2;
-    float* data = (float*)malloc(16 * n);
+    long long n, image_n;
+    float coeffs[12];
+    if (fread(&n, 8, 1, in) != 1 || fread(&image_n, 8, 1, in) != 1) return 2;
+    if (fread(coeffs, 4, 12, in) != 12) return 2;
+    float* data = (float*)malloc(20 * n);
     float* result = (float*)malloc(8 * n);
-    if (fread(data, 4, 4 * n, in) != (size_t)(4 * n)) return 3;
+    if (fread(data, 4, 5 * n, in) != (size_t)(5 * n)) return 3;
     fclose(in);
-    for (long long i = 0; i < n; ++i) {
-        float noise = coeffs[6] != 0.0f ? data[3 * n + i] : 0.0f;  // as the kernel reads it
-        dtk_update_element(data[i], data[n + i], data[2 * n + i], noise, coeffs, &result[i], &result[n + i]);
+    for (long long begin = 0; begin < n; begin += image_n) {
+        const float* x = data + begin;
+        const float* out = data + n + begin;
+        auto count_le = [&](unsigned int key) {
+            long long count = 0;
+            for (long long j = 0; j < image_n; ++j) {
+                count += dtk_abs_key(dtk_x0_raw(x[j], out[j], coeffs)) <= key;
+            }
+            return count;
+        };
+        auto select = [&](long long k) {
+            DtkBisection b = {0u, 0x7fffffffu};
+            while (b.low < b.high) b = dtk_bisection_step(b, count_le(dtk_bisection_mid(b)), k);
+            return b.low;
+        };
+        float scale = 0.0f;
+        if (coeffs[9] >= 0.0f) {
+            const long long k = (long long)coeffs[9];
+            scale = dtk_threshold_scale(select(k), k + 1 < image_n ? select(k + 1) : select(k), coeffs);
+        }
+        for (long long i = begin; i < begin + image_n; ++i) {
+            float noise = coeffs[6] != 0.0f ? data[4 * n + i] : 0.0f;  // as the kernel reads them
+            float prev2 = coeffs[7] != 0.0f ? data[3 * n + i] : 0.0f;
+            dtk_update_element(data[i], data[n + i], data[2 * n + i], prev2, noise, coeffs, scale,
+                               &result[i], &result[n + i]);
+        }
     }
     FILE* out = fopen(argv[2], "wb");
     fwrite(result, 4, 2 * n, out);
@@ -49,25 +79,42 @@ int main(int argc, char** argv) {
 }
 """
 
-# (p, q, a, b, c, d, e), clip: DDPM-like with clipping, DPM++(2M)-like with history, huge x0 factors, no noise
+# (p, q, a, b, c, d, e, d2), clip, threshold: DDPM-like with clipping, DPM++(2M)-like with history, huge x0
+# factors, no noise; UniPC/3M-like with two history terms; dynamic thresholding on those
 CASES = [
-    ((1.02, -0.2, 0.0, 0.0, 0.7, 0.0, 0.3), 1.0),
-    ((1.0, -0.05, 0.4, 0.0, 0.9, -0.35, 0.0), None),
-    ((157.0, -156.9, 0.02, 0.0, 0.98, 0.0, 0.0), 1.0),
-    ((0.0, 1.0, -0.3, 0.2, 0.5, 0.25, -0.8), 2.5),
+    ((1.02, -0.2, 0.0, 0.0, 0.7, 0.0, 0.3, 0.0), 1.0, None),
+    ((1.0, -0.05, 0.4, 0.0, 0.9, -0.35, 0.0, 0.0), None, None),
+    ((157.0, -156.9, 0.02, 0.0, 0.98, 0.0, 0.0, 0.0), 1.0, None),
+    ((0.0, 1.0, -0.3, 0.2, 0.5, 0.25, -0.8, 0.0), 2.5, None),
+    ((1.0, -0.05, 0.4, 0.0, 1.1, -0.6, 0.0, 0.15), None, None),
+    ((1.02, -0.2, 0.0, 0.0, 0.7, 0.0, 0.3, 0.0), None, Threshold(0.9, 2.0)),
+    ((1.0, -0.05, 0.4, 0.0, 1.1, -0.6, 0.0, 0.15), None, Threshold(0.995, 1.5)),
+    ((0.0, 1.0, -0.3, 0.2, 0.5, 0.25, -0.8, 0.1), None, Threshold(0.5, 8.0)),
 ]
+IMAGES = 3
 
 
-def _inputs(n: int, seed: int):
+def _inputs(n: int, seed: int, finite: bool = False):
     rng = np.random.default_rng(seed)
-    x, out, x0_prev, noise = (rng.standard_normal(n, dtype=np.float32) * 3 for _ in range(4))
-    x[:3] = [np.nan, np.inf, -1e30]  # NaN stays NaN through the clamp, like numpy's clip
-    return x, out, x0_prev, noise
+    x, out, x0_prev, x0_prev2, noise = (rng.standard_normal(n, dtype=np.float32) * 3 for _ in range(5))
+    if not finite:
+        x[:3] = [np.nan, np.inf, -1e30]  # NaN stays NaN through the clamp, like numpy's clip
+    return x, out, x0_prev, x0_prev2, noise
 
 
-def _numpy_update(row, clip, x, out, x0_prev, noise):
+def _numpy_update(row, clip, threshold, x, out, x0_prev, x0_prev2, noise, images=IMAGES):
+    """dtk.runtime.samplers.update on the batch as [images, C·H·W]."""
+    shaped = [a.reshape(images, -1) for a in (x, out, x0_prev, x0_prev2, noise)]
+    x, out, x0_prev, x0_prev2, noise = shaped
     with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 on purpose
-        return update(np.asarray(row), x, out, x0_prev, noise if row[6] != 0 else None, clip)
+        x_next, x0 = update(
+            np.asarray(row), x, out, x0_prev, noise if row[6] != 0 else None, clip, x0_prev2, threshold
+        )
+    return x_next.ravel(), x0.ravel()
+
+
+def _plan(row, clip, threshold):
+    return SamplerPlan("case", np.array([0]), np.array([row]), clip, threshold)
 
 
 @needs_nvcc
@@ -85,7 +132,7 @@ def test_nvcc_compiles_the_kernel_cleanly(tmp_path, arch):
     text = ptx.read_text()
     entry = re.search(rf"\.visible \.entry {UPDATE_KERNEL_NAME}\((.*?)\)", text, re.S)
     assert entry, 'extern "C" entry point missing (NVRTC looks it up by this unmangled name)'
-    assert re.findall(r"\.param \.(\w+)", entry.group(1)) == ["u64"] * 6  # 5 pointers + a 64-bit n
+    assert re.findall(r"\.param \.(\w+)", entry.group(1)) == ["u64"] * 7  # 5 pointers + n + image_n
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +151,21 @@ def harness(tmp_path_factory):
     return binary
 
 
-@pytest.mark.parametrize(("row", "clip"), CASES)
-def test_the_kernels_arithmetic_is_the_contract_update(harness, tmp_path, row, clip):
-    n = 1000
-    x, out, x0_prev, noise = _inputs(n, seed=len(tmp_path.name))
+@pytest.mark.parametrize(("row", "clip", "threshold"), CASES)
+def test_the_kernels_arithmetic_is_the_contract_update(harness, tmp_path, row, clip, threshold):
+    image_n = 333  # not a multiple of anything the kernel uses
+    n = IMAGES * image_n
+    x, out, x0_prev, x0_prev2, noise = _inputs(n, seed=len(tmp_path.name), finite=threshold is not None)
     if row[6] == 0:
         noise[:] = np.nan  # never read when e == 0
-    coeffs = np.array([*row, clip or 0.0], dtype=np.float32)
+    if row[7] == 0:
+        x0_prev2[:] = np.nan  # never read when d2 == 0
+    coeffs = kernel_coefficients(_plan(row, clip, threshold), image_n)[0]
     (tmp_path / "in.bin").write_bytes(
-        np.int64(n).tobytes() + coeffs.tobytes() + np.concatenate([x, out, x0_prev, noise]).tobytes()
+        np.int64(n).tobytes()
+        + np.int64(image_n).tobytes()
+        + coeffs.tobytes()
+        + np.concatenate([x, out, x0_prev, x0_prev2, noise]).tobytes()
     )
     run = subprocess.run(
         [str(harness), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], capture_output=True
@@ -120,15 +173,29 @@ def test_the_kernels_arithmetic_is_the_contract_update(harness, tmp_path, row, c
     assert run.returncode == 0, run.stderr
     x_next, x0 = np.fromfile(tmp_path / "out.bin", dtype=np.float32).reshape(2, n)
 
-    want_next, want_x0 = _numpy_update(row, clip, x, out, x0_prev, noise)
+    want_next, want_x0 = _numpy_update(row, clip, threshold, x, out, x0_prev, x0_prev2, noise)
     np.testing.assert_allclose(x0, want_x0, rtol=1e-6, atol=1e-6, equal_nan=True)
     np.testing.assert_allclose(x_next, want_next, rtol=1e-6, atol=1e-5, equal_nan=True)
     if clip:
         assert np.nanmax(np.abs(x0)) <= clip
-    p, a, c = row[0], row[2], row[4]
-    # a NaN in x reaches x0 through p, and x_next through a or through x0 (zero terms are left out)
-    assert np.isnan(x0[0]) == (p != 0)
-    assert np.isnan(x_next[0]) == (a != 0 or (p != 0 and c != 0))
+    if threshold is not None:  # each image ends in [-1, 1], and at least one was scaled rather than clipped
+        assert np.abs(x0).max() <= 1.0
+        raw = np.abs(row[0] * x + row[1] * out).reshape(IMAGES, -1)
+        assert (np.quantile(raw, threshold.ratio, axis=1) > 1.0).any()
+    else:
+        p, a, c = row[0], row[2], row[4]
+        # a NaN in x reaches x0 through p, and x_next through a or through x0 (zero terms are left out)
+        assert np.isnan(x0[0]) == (p != 0)
+        assert np.isnan(x_next[0]) == (a != 0 or (p != 0 and c != 0))
+
+
+def test_kernel_coefficients_place_the_quantile_as_numpy_does():
+    rows = kernel_coefficients(_plan(CASES[0][0], None, Threshold(0.995, 1.5)), 3 * 16 * 16)
+    assert rows.shape == (1, COEFF_SLOTS) and rows.dtype == np.float32
+    # numpy's linear quantile: position 0.995 · (768 − 1) = 763.165 between order statistics 763 and 764
+    np.testing.assert_allclose(rows[0, 8:], [0.0, 763.0, 0.165, 1.5], rtol=1e-4)
+    clipped = kernel_coefficients(_plan(CASES[0][0], 2.5, None), 10)[0]
+    assert clipped[8] == 2.5 and clipped[9] == -1.0
 
 
 def test_nvrtc_compiles_the_kernel_through_cuda_python():
@@ -169,34 +236,45 @@ def _kernel(session):
 
 
 def _device_arrays(session, n):
-    names = ("x", "out", "x0_prev", "noise")
-    device = {name: session.device_buffer(4 * n) for name in names}
-    host = {name: session.host_buffer(4 * n) for name in names}
-    device["coeffs"], host["coeffs"] = session.device_buffer(32), session.host_buffer(32)
+    """x, out, noise [n]; the x0 history [2, n] as one buffer; the coefficient row."""
+    sizes = {"x": 4 * n, "out": 4 * n, "noise": 4 * n, "history": 8 * n, "coeffs": 4 * COEFF_SLOTS}
+    device = {name: session.device_buffer(size) for name, size in sizes.items()}
+    host = {name: session.host_buffer(size) for name, size in sizes.items()}
     return device, host
 
 
+def _upload(session, device, host, values: dict):
+    for name, value in values.items():
+        host[name].array(np.float32, value.size)[:] = value
+        session.upload(device[name], host[name], 4 * value.size)
+
+
+def _launch(kernel, device, n, image_n):
+    kernel.launch(
+        device["x"], device["history"], device["out"], device["noise"], device["coeffs"], n, image_n
+    )
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize(("row", "clip"), CASES)
-def test_device_update_matches_numpy(session, row, clip):
+@pytest.mark.parametrize(("row", "clip", "threshold"), CASES)
+def test_device_update_matches_numpy(session, row, clip, threshold):
     kernel = _kernel(session)
-    n = 3 * 3 * 32 * 32 + 7  # not a multiple of the block size
+    image_n = 3 * 32 * 32 + 7  # not a multiple of the block size
+    n = IMAGES * image_n
     device, host = _device_arrays(session, n)
-    x, out, x0_prev, noise = _inputs(n, seed=1)
-    for name, value in (("x", x), ("out", out), ("x0_prev", x0_prev), ("noise", noise)):
-        host[name].array(np.float32, n)[:] = value
-        session.upload(device[name], host[name], 4 * n)
-    host["coeffs"].array(np.float32)[:] = (*row, clip or 0.0)
-    session.upload(device["coeffs"], host["coeffs"], 32)
-    kernel.launch(device["x"], device["x0_prev"], device["out"], device["noise"], device["coeffs"], n)
+    x, out, x0_prev, x0_prev2, noise = _inputs(n, seed=1, finite=threshold is not None)
+    history = np.concatenate([x0_prev, x0_prev2])
+    coeffs = kernel_coefficients(_plan(row, clip, threshold), image_n)[0]
+    _upload(session, device, host, {"x": x, "out": out, "noise": noise, "history": history, "coeffs": coeffs})
+    _launch(kernel, device, n, image_n)
     session.download(host["x"], device["x"], 4 * n)
-    session.download(host["x0_prev"], device["x0_prev"], 4 * n)
+    session.download(host["history"], device["history"], 8 * n)
     session.synchronize()
 
-    want_next, want_x0 = _numpy_update(row, clip, x, out, x0_prev, noise)
-    np.testing.assert_allclose(
-        host["x0_prev"].array(np.float32, n), want_x0, rtol=1e-5, atol=1e-5, equal_nan=True
-    )
+    want_next, want_x0 = _numpy_update(row, clip, threshold, x, out, x0_prev, x0_prev2, noise)
+    got_history = host["history"].array(np.float32, 2 * n)
+    np.testing.assert_allclose(got_history[:n], want_x0, rtol=1e-5, atol=1e-5, equal_nan=True)
+    np.testing.assert_array_equal(got_history[n:], x0_prev)  # the history shifts by one step
     np.testing.assert_allclose(
         host["x"].array(np.float32, n), want_next, rtol=1e-5, atol=1e-4, equal_nan=True
     )
@@ -204,27 +282,32 @@ def test_device_update_matches_numpy(session, row, clip):
 
 @pytest.mark.gpu
 def test_a_captured_graph_replays_each_steps_coefficients(session):
+    """One graph, the rows of every case in turn (clipping, two history terms, thresholding among them)."""
     kernel = _kernel(session)
-    n = 4096
+    image_n = 2048
+    n = 2 * image_n
     device, host = _device_arrays(session, n)
-    x, out, x0_prev, noise = _inputs(n, seed=2)
-    x[:3] = 0.0
-    for name, value in (("x", x), ("out", out), ("x0_prev", x0_prev), ("noise", noise)):
-        host[name].array(np.float32, n)[:] = value
-        session.upload(device[name], host[name], 4 * n)
+    x, out, x0_prev, x0_prev2, noise = _inputs(n, seed=2, finite=True)
+    _upload(
+        session,
+        device,
+        host,
+        {"x": x, "out": out, "noise": noise, "history": np.concatenate([x0_prev, x0_prev2])},
+    )
     session.synchronize()
 
     def step():
-        session.upload(device["coeffs"], host["coeffs"], 32)
-        kernel.launch(device["x"], device["x0_prev"], device["out"], device["noise"], device["coeffs"], n)
+        session.upload(device["coeffs"], host["coeffs"], 4 * COEFF_SLOTS)
+        _launch(kernel, device, n, image_n)
 
     graph = session.capture(step)
-    want_x, want_x0 = x, x0_prev
-    for row, clip in CASES:
+    want_x, want_prev, want_prev2 = x, x0_prev, x0_prev2
+    for row, clip, threshold in CASES:
         session.synchronize()
-        host["coeffs"].array(np.float32)[:] = (*row, clip or 0.0)
+        host["coeffs"].array(np.float32)[:] = kernel_coefficients(_plan(row, clip, threshold), image_n)[0]
         graph.launch()
-        want_x, want_x0 = _numpy_update(row, clip, want_x, out, want_x0, noise)
+        want_x, x0 = _numpy_update(row, clip, threshold, want_x, out, want_prev, want_prev2, noise, images=2)
+        want_prev, want_prev2 = x0, want_prev
     session.download(host["x"], device["x"], 4 * n)
     session.synchronize()
     np.testing.assert_allclose(host["x"].array(np.float32, n), want_x, rtol=1e-4, atol=1e-3)

@@ -105,9 +105,9 @@ def test_bad_paths_are_one_line(tmp_path, capsys, name, content, message):
 
 
 def test_bad_choices_are_usage_errors(tiny_checkpoint, capsys):
-    assert main(["sample", str(tiny_checkpoint), "--sampler", "euler"]) == 2
+    assert main(["sample", str(tiny_checkpoint), "--sampler", "euler-a"]) == 2
     assert (
-        "Invalid value for '--sampler': 'euler' is not one of 'ddpm', 'ddim', 'dpmpp-2m'"
+        "Invalid value for '--sampler': 'euler-a' is not one of 'ddpm', 'ddim', 'dpmpp-2m', 'dpmpp-2m-sde'"
         in capsys.readouterr().err
     )
     assert main(["sample", str(tiny_checkpoint), "--eta", "2"]) == 2

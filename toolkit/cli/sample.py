@@ -13,6 +13,7 @@ import click
 from dtk.runs import checkpoint_or_run
 from dtk.runtime.errors import DtkError, file_error
 from dtk.runtime.samplers import SAMPLERS
+from dtk.runtime.schedule import DEFAULT_SAMPLER
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 RUNTIME_SUFFIXES = (".onnx", ".plan")
@@ -26,7 +27,7 @@ class SampleOptions:
     path: Path
     num: int = 16
     steps: int = 50
-    sampler: str = "ddim"
+    sampler: str | None = None  # None: the bundle's or checkpoint's default sampler
     eta: float = 0.0
     seed: int = 0
     out: Path = Path("samples.png")
@@ -48,6 +49,7 @@ class SampleResult:
     seconds: float  # sampling only, not loading
     latents: object = None  # float32 [N, C, H, W] in the model's range
     trajectory: object = None  # a TrajectoryRecorder when --trajectory was asked for
+    sampler: str = ""
 
 
 def sample(options: SampleOptions) -> SampleResult:
@@ -74,12 +76,13 @@ def _sample_checkpoint(path: Path, options: SampleOptions) -> SampleResult:
     config = ckpt.model_config
     check_memory(options.num, (config.in_channels, config.image_size, config.image_size))
     recorder = _recorder(options, (config.in_channels, config.image_size, config.image_size))
+    sampler = options.sampler or ckpt.diffusion.sampler or DEFAULT_SAMPLER
     start = time.perf_counter()
     latents = sample_checkpoint(
         ckpt,
         num=options.num,
         steps=options.steps,
-        sampler=options.sampler,
+        sampler=sampler,
         seed=options.seed,
         eta=options.eta,
         device=options.device,
@@ -88,7 +91,7 @@ def _sample_checkpoint(path: Path, options: SampleOptions) -> SampleResult:
         weights=options.weights or "ema",
         step_callback=recorder,
     )
-    return SampleResult(to_uint8(latents), "pytorch", time.perf_counter() - start, latents, recorder)
+    return SampleResult(to_uint8(latents), "pytorch", time.perf_counter() - start, latents, recorder, sampler)
 
 
 def _sample_runtime(path: Path, options: SampleOptions) -> SampleResult:
@@ -114,7 +117,14 @@ def _sample_runtime(path: Path, options: SampleOptions) -> SampleResult:
             step_callback=recorder,
         )
         seconds = time.perf_counter() - start
-        return SampleResult(to_uint8(latents), pipeline.backend, seconds, latents, recorder)
+        return SampleResult(
+            to_uint8(latents),
+            pipeline.backend,
+            seconds,
+            latents,
+            recorder,
+            options.sampler or pipeline.default_sampler,
+        )
 
 
 def _recorder(options: SampleOptions, shape_chw):
@@ -209,7 +219,11 @@ def write_npy(path: Path, array) -> Path:
     "--num", "-n", type=click.IntRange(min=1), default=16, show_default=True, help="Images to sample."
 )
 @click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Sampler steps.")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default="ddim", show_default=True)
+@click.option(
+    "--sampler",
+    type=click.Choice(SAMPLERS),
+    help=f"[default: the bundle's, which a diffusers scheduler class sets; else {DEFAULT_SAMPLER}]",
+)
 @click.option("--eta", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True, help="DDIM's η.")
 @click.option(
     "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Same seed, same images."
@@ -269,7 +283,7 @@ def command(**flags):
     result = sample(options)
     written = write_outputs(result, options)
     click.echo(
-        f"wrote {written[0]}: {len(result.images)} images, {options.steps} {options.sampler} steps "
+        f"wrote {written[0]}: {len(result.images)} images, {options.steps} {result.sampler} steps "
         f"on {result.backend} in {result.seconds:.2f} s"
     )
     if options.images_dir is not None:
