@@ -3,7 +3,12 @@
 For each preset the script makes a checkpoint with random weights (speed does not depend on what was learned),
 exports it to a bundle (batch 1..8), and runs `dtk bench BUNDLE --compare ...` at each batch: every backend in
 its own process, one after another. Baselines are PyTorch eager (the speed-up reference) and, with
-`--compile`, torch.compile; ONNX Runtime, and TensorRT where a GPU and TensorRT are present.
+`--compile`, torch.compile; ONNX Runtime, and TensorRT where a GPU and TensorRT are present. Each preset is
+also exported as an int8 bundle (calibrated on `shapes` or `digits`; speed only, so without the export's
+checks) and run on ONNX Runtime; where OpenVINO is installed it runs the fp32 graph with the fp32 and bf16
+precision hints, as the peer a CPU user would pick (benchmarks/cpu_peers.py). Every CPU figure is also given
+as a fraction of this machine's GEMM peaks (fp32, int8), measured in the same run (torch's bf16 2048² GEMM
+ran for minutes here, so no bf16 peak is given).
 
     python benchmarks/compare_backends.py                         # this machine, defaults below
     python benchmarks/compare_backends.py --compile --duration 10
@@ -55,6 +60,51 @@ def export(checkpoint: Path, bundle: Path, max_batch: int) -> Path:
     return bundle
 
 
+def export_int8(checkpoint: Path, bundle: Path, max_batch: int, channels: int) -> Path:
+    from dtk.export.bundle import ExportOptions, export_bundle
+
+    options = ExportOptions(
+        precision="int8",
+        batch=(1, 1, max_batch),
+        verify=False,  # random weights: the image checks are the export's business on trained models
+        calibration_data="shapes" if channels == 3 else "digits",
+        calibration_size=64,
+    )
+    export_bundle(checkpoint, bundle, options, progress=False)
+    return bundle
+
+
+def flops_per_image(checkpoint: Path) -> float:
+    """FLOPs of one denoiser call on one image (torch's FlopCounterMode: 2 per multiply-add)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dtk.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    model, config = ckpt.build_model(weights="raw"), ckpt.model_config
+    x = torch.zeros(1, config.in_channels, config.image_size, config.image_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, torch.zeros(1))
+    return float(counter.get_total_flops())
+
+
+def peer(args_list: list[str]) -> dict | None:
+    """One benchmarks/cpu_peers.py measurement in its own process; None (and a note) if it fails."""
+    command = [sys.executable, str(Path(__file__).with_name("cpu_peers.py")), *args_list]
+    run = subprocess.run(command, capture_output=True, text=True)
+    if run.returncode != 0:
+        print(f"== {' '.join(args_list)} failed: {run.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(run.stdout)
+
+
+def openvino_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
 def build_engine(bundle: Path) -> None:
     """Build unet.plan on this GPU where TensorRT and a GPU are present (else `dtk bench` skips TensorRT)."""
     import importlib.util
@@ -68,8 +118,8 @@ def build_engine(bundle: Path) -> None:
     subprocess.run([sys.executable, "-m", "dtk", "build-engine", str(bundle)], check=False)
 
 
-def bench(bundle: Path, checkpoint: Path, batch: int, args) -> dict:
-    backends = ["torch", *(["torch-compile"] if args.compile else []), "onnxruntime", "tensorrt"]
+def bench(bundle: Path, checkpoint: Path, batch: int, args, backends=None) -> dict:
+    backends = backends or ["torch", *(["torch-compile"] if args.compile else []), "onnxruntime", "tensorrt"]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "compare.json"
         command = [sys.executable, "-m", "dtk", "bench", str(bundle), "--checkpoint", str(checkpoint)]
@@ -88,6 +138,15 @@ def bench(bundle: Path, checkpoint: Path, batch: int, args) -> dict:
             command.append("--cuda-graph")
         subprocess.run(command, check=True)
         return json.loads(out.read_text())
+
+
+def _peer_timing(args) -> list[str]:
+    warmup = (
+        float(str(args.warmup).rstrip("s"))
+        if str(args.warmup).rstrip("s").replace(".", "").isdigit()
+        else 1.0
+    )
+    return ["--warmup", str(warmup), "--duration", str(args.duration), "--iterations", str(args.iterations)]
 
 
 def markdown(data: dict) -> str:
@@ -109,7 +168,33 @@ def markdown(data: dict) -> str:
         skipped = {(s["backend"], s["reason"]) for run in runs["batches"] for s in run["skipped"]}
         rows = comparison_rows(records, [{"backend": b, "reason": r} for b, r in sorted(skipped)])
         lines += [format_table(rows, markdown=True), ""]
+        if data.get("peaks") and runs.get("flops_per_image"):
+            lines += [_roof_table(records, runs["flops_per_image"], data["peaks"]), ""]
     return "\n".join(lines)
+
+
+def _roof_table(records: list[dict], flops: float, peaks: dict) -> str:
+    """Each CPU record's arithmetic rate against the GEMM peak of its precision, measured in the same run."""
+    rows = []
+    for r in records:
+        peak = peaks.get(r["precision"])
+        if peak is None or r["transfers"] != "host":
+            continue
+        rate = flops * r["batch"] / (r["latency_ms"]["p50"] / 1000) / 1e9
+        rows.append(
+            f"| {r['backend']} | {r['batch']} | {r['precision']} | {rate:.1f} | {peak['gops']:.1f} | "
+            f"{rate / peak['gops']:.2f} |"
+        )
+    head = [
+        f"{flops / 1e9:.3g} GFLOP per image; peak = a {GEMM_PEAK_NOTE}",
+        "",
+        "| backend | batch | precision | GFLOP/s (p50) | peak GOP/s | fraction of peak |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    return "\n".join(head + rows)
+
+
+GEMM_PEAK_NOTE = "2048² GEMM of the same precision (fp32: torch; int8: ONNX Runtime MatMulInteger)"
 
 
 def plot(data: dict, path: Path) -> None:
@@ -167,9 +252,14 @@ def main() -> None:
         action="store_true",
         help="GPU: TensorRT in CUDA graphs, torch.compile reduce-overhead",
     )
+    parser.add_argument("--no-int8", dest="int8", action="store_false", help="leave out the int8 bundles")
+    parser.add_argument(
+        "--no-openvino", dest="openvino", action="store_false", help="leave out OpenVINO (fp32, bf16)"
+    )
     parser.add_argument("--work", type=Path, help="keep checkpoints and bundles here (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    args.openvino = args.openvino and openvino_available()
 
     from dtk.runtime.files import write_text
     from dtk.runtime.system import machine_name, system_info
@@ -180,6 +270,9 @@ def main() -> None:
         k: getattr(args, k) for k in ("warmup", "iterations", "duration", "threads", "compile", "cuda_graph")
     }
     data = {"machine": machine, "system": system, "settings": settings, "presets": {}}
+    threads = str(args.threads or 2)
+    peaks = {k: peer(["gemm", k, "--threads", threads, *_peer_timing(args)]) for k in ("fp32", "int8")}
+    data["peaks"] = {k: v for k, v in peaks.items() if v}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         for preset in args.presets:
@@ -193,15 +286,31 @@ def main() -> None:
                 export(checkpoint, bundle, max(args.batches))
             build_engine(bundle)
             manifest = json.loads((bundle / "dtk.json").read_text())
-            shape = f"{manifest['image']['in_channels']}x{'x'.join(map(str, manifest['image']['size']))}"
+            channels = manifest["image"]["in_channels"]
+            shape = f"{channels}x{'x'.join(map(str, manifest['image']['size']))}"
+            int8_bundle = work / f"{preset}-int8-bundle"
+            if args.int8 and not int8_bundle.exists():
+                print(f"== {preset}: exporting int8", file=sys.stderr)
+                export_int8(checkpoint, int8_bundle, max(args.batches), channels)
             runs = []
             for batch in args.batches:
                 print(f"== {preset}, batch {batch}", file=sys.stderr)
                 result = bench(bundle, checkpoint, batch, args)
+                if args.int8:
+                    int8 = bench(int8_bundle, checkpoint, batch, args, backends=["onnxruntime"])
+                    result["results"] += int8["results"]
+                if args.openvino:
+                    for precision in ("fp32", "bf16"):
+                        record = peer(
+                            ["openvino", str(bundle), "--batch", str(batch), "--precision", precision]
+                            + _peer_timing(args)
+                        )
+                        result["results"] += [record] if record else []
                 runs.append({"batch": batch, "results": result["results"], "skipped": result["skipped"]})
             data["presets"][preset] = {
                 "parameters": manifest["model"]["parameters"],
                 "shape": shape,
+                "flops_per_image": flops_per_image(checkpoint),
                 "batches": runs,
             }
 

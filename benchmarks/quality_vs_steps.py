@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dtk.export.frechet import feature_stats, frechet_distance
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLER_NAMES = {
     "ddpm": "DDPM",
@@ -56,25 +58,6 @@ SETTINGS = (
 
 
 # --- the metric ---
-
-
-def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance (float64, unbiased) of features [N, D]."""
-    features = np.asarray(features, dtype=np.float64)
-    return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
-def frechet_distance(mu1, cov1, mu2, cov2) -> float:
-    """‖μ₁−μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½), the Fréchet (2-Wasserstein) distance of two Gaussians.
-
-    Tr (Σ₁Σ₂)^½ = Σ √λ over the eigenvalues λ of Σ₁^½ Σ₂ Σ₁^½ (symmetric PSD, so eigh is exact and stable)."""
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    cov1, cov2 = np.atleast_2d(cov1).astype(np.float64), np.atleast_2d(cov2).astype(np.float64)
-    values, vectors = np.linalg.eigh(cov1)
-    root1 = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
-    middle = root1 @ cov2 @ root1
-    trace_root = np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2).clip(min=0)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2.0 * trace_root)
 
 
 def class_coverage(probabilities: np.ndarray) -> float:
@@ -225,10 +208,10 @@ def sample_settings(
     return out
 
 
-def export(checkpoint: Path, bundle: Path, batch_size: int) -> Path:
+def export(checkpoint: Path, bundle: Path, batch_size: int, precision: str = "fp32") -> Path:
     from dtk.export.bundle import ExportOptions, export_bundle
 
-    export_bundle(checkpoint, bundle, ExportOptions(batch=(1, batch_size, batch_size)))
+    export_bundle(checkpoint, bundle, ExportOptions(batch=(1, batch_size, batch_size), precision=precision))
     return bundle
 
 
@@ -247,6 +230,32 @@ def parse_settings(text: str) -> tuple:
         split_setting(sampler)
         pairs.append((sampler, int(steps)))
     return tuple(pairs)
+
+
+def int8_rows(int8_runs, runs, results, classifier, mu_real, cov_real) -> list[dict]:
+    """Each int8 setting against the fp32 one with the same sampler, steps and seeds: both Fréchet distances,
+    and the mean |Δ| of the same-seed images (in /255)."""
+    rows = []
+    for run in int8_runs:
+        k = next(
+            i for i, r in enumerate(runs) if (r["sampler"], r["steps"]) == (run["sampler"], run["steps"])
+        )
+        features, probabilities = embed(classifier, run["images"])
+        fd = frechet_distance(*feature_stats(features), mu_real, cov_real)
+        diff = np.abs(run["images"] - runs[k]["images"]).mean() * 127.5  # [-1, 1] images → /255
+        rows.append(
+            {
+                "sampler": run["sampler"],
+                "steps": run["steps"],
+                "frechet_distance": round(fd, 4),
+                "fp32_frechet_distance": results[k]["frechet_distance"],
+                "ratio": round(fd / results[k]["frechet_distance"], 4),
+                "class_coverage": round(class_coverage(probabilities), 4),
+                "mean_abs_diff_255": round(float(diff), 3),
+                "ms_per_image": round(1000 * run["seconds"] / len(run["images"]), 3),
+            }
+        )
+    return rows
 
 
 # --- report ---
@@ -347,6 +356,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--classifier-epochs", type=int, default=30)
     parser.add_argument("--settings", type=parse_settings, default=SETTINGS, help="e.g. ddpm:1000,ddim:10")
+    parser.add_argument(
+        "--int8", type=parse_settings, help="also these settings on an int8 export, e.g. ddim:20,dpmpp-2m:20"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -391,6 +403,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle or export(args.checkpoint, Path(tmp) / "bundle", args.batch_size)
         runs = sample_settings(bundle, args.settings, args.num, args.seed, args.batch_size, Path(tmp), score)
+        if args.int8:  # the same settings and seeds on the int8 export of the same checkpoint
+            int8 = export(args.checkpoint, Path(tmp) / "int8", args.batch_size, "int8")
+            folder = Path(tmp) / "int8-views"
+            folder.mkdir()
+            int8_runs = sample_settings(int8, args.int8, args.num, args.seed, args.batch_size, folder, score)
     results = [run.pop("score") for run in runs]
     system = system_info()
     data = {
@@ -413,6 +430,8 @@ def main() -> None:
         "machine": machine_name(system),
         "system": system,
     }
+    if args.int8:
+        data["int8"] = int8_rows(int8_runs, runs, results, classifier, mu_real, cov_real)
     stem = args.out / "quality_vs_steps"
     write_text(stem.with_suffix(".json"), json.dumps(data, indent=2) + "\n")
     plot(data, stem.with_suffix(".png"))
@@ -426,6 +445,12 @@ def main() -> None:
             f"{r['sampler']:>9} {r['steps']:>5} steps: FD {r['frechet_distance']:8.3f}  "
             f"coverage {r['class_coverage']:.3f}  confident {r['confident']:.3f}  "
             f"{r['ms_per_image']:.1f} ms/image"
+        )
+    for r in data.get("int8", []):
+        print(
+            f"int8 {r['sampler']:>9} {r['steps']:>5} steps: FD {r['frechet_distance']:8.3f} "
+            f"(fp32 {r['fp32_frechet_distance']:.3f}, ratio {r['ratio']:.3f}), "
+            f"mean |Δ| vs fp32 {r['mean_abs_diff_255']:.2f}/255"
         )
     print(f"wrote {stem}.json, {stem}.png, {args.out / 'quality_vs_steps_samples.png'}", file=sys.stderr)
 

@@ -39,7 +39,7 @@ class ExportOptions:
 
     opset: int = 18
     batch: tuple | int = (1, 8, 16)  # (min, opt, max) for a dynamic batch, or N for a fixed one
-    precision: str = "fp32"  # "fp32" or "fp16" (fp16 compute, fp32 I/O; see dtk.export.fp16)
+    precision: str = "fp32"  # "fp32", "fp16" (fp16 compute, fp32 I/O; see dtk.export.fp16) or "int8" (Q/DQ)
     verify: bool = True  # parity check against PyTorch; a failure fails the export
     simplify: bool = True  # onnxslim constant folding and simplification
     atol: float | None = None  # None: the precision's default in dtk.export.parity.TOLERANCES
@@ -50,6 +50,13 @@ class ExportOptions:
     weights: str = "ema"  # checkpoint weights: "ema" or "raw"
     external_data: bool | None = None  # weights in unet.onnx.data; None: only when they exceed 2 GB
     exporter: str = "dynamo"  # torch.onnx exporter: "dynamo" or "torchscript"
+    calibration_data: str | None = (
+        None  # int8: "digits", "shapes" or a folder; None: the checkpoint's dataset
+    )
+    calibration_size: int = 256  # int8: noised calibration images (one timestep each)
+    calibration_method: str = "minmax"  # int8: how activation ranges are set (dtk.export.quantize.METHODS)
+    check_samples: int = 256  # int8: images sampled by fp32 and int8 for the checks (with verify)
+    int8_outputs: str = "int8"  # int8: "int8" or "float" Conv/MatMul outputs (dtk.export.quantize.OUTPUTS)
 
     def check(self) -> None:
         """Refuse bad settings before any work is done."""
@@ -70,6 +77,22 @@ class ExportOptions:
         if self.weights not in WEIGHTS:
             raise DtkError(f"unknown weights {self.weights!r}; choose one of {', '.join(WEIGHTS)}")
         normalize_batch(self.batch)
+        if self.precision == "int8":
+            from dtk.export.quantize import METHODS, OUTPUTS
+
+            if self.calibration_method not in METHODS:
+                raise DtkError(
+                    f"unknown calibration method {self.calibration_method!r}; "
+                    f"choose one of {', '.join(METHODS)}"
+                )
+            if self.int8_outputs not in OUTPUTS:
+                raise DtkError(
+                    f"unknown int8 outputs {self.int8_outputs!r}; choose one of {', '.join(OUTPUTS)}"
+                )
+            if self.calibration_size < 1:
+                raise DtkError(f"calibration_size must be at least 1, got {self.calibration_size}")
+            if self.check_samples < 2:
+                raise DtkError(f"check_samples must be at least 2, got {self.check_samples}")
         if self.chain_steps < 0:
             raise DtkError(f"chain_steps must be 0 or more, got {self.chain_steps}")
         for name in ("atol", "rtol", "chain_atol"):
@@ -77,10 +100,15 @@ class ExportOptions:
             if value is not None and value < 0:
                 raise DtkError(f"{name} must be non-negative, got {value}")
 
+    @property
+    def graph_precision(self) -> str:
+        """The precision of the graph the parity check sees (int8 quantizes the fp32 graph after it)."""
+        return "fp32" if self.precision == "int8" else self.precision
+
     def tolerance(self):
         from dtk.export.parity import TOLERANCES, Tolerance
 
-        default = TOLERANCES[self.precision]
+        default = TOLERANCES[self.graph_precision]
         return Tolerance(
             atol=default.atol if self.atol is None else self.atol,
             rtol=default.rtol if self.rtol is None else self.rtol,
@@ -115,12 +143,19 @@ def export_bundle(
     batch = normalize_batch(options.batch)
     start = time.perf_counter()
 
-    with _Stages(progress) as stages:
+    with _Stages(progress, 5 if options.precision == "int8" else 4) as stages:
         stages.next("loading the model")
         source = load_source(source_path, options.weights)
         for warning in source.warnings:
             log(f"warning: {warning}")
         fp16_report, convert = _converter(options.precision)
+        calibration = None
+        if options.precision == "int8":  # bad calibration data fails before any export work
+            from dtk.export.calibration import calibration_set
+
+            calibration = calibration_set(
+                source, options.calibration_data, options.calibration_size, options.seed
+            )
 
         with atomic_dir(
             out_dir,
@@ -152,7 +187,7 @@ def export_bundle(
                     source.diffusion,
                     source.sample_shape,
                     batch,
-                    options.precision,
+                    options.graph_precision,
                     tolerance=options.tolerance(),
                     chain_steps=options.chain_steps,
                     seed=options.seed,
@@ -162,6 +197,11 @@ def export_bundle(
             else:
                 log("warning: parity check skipped (--no-verify): this bundle was not compared with PyTorch")
                 parity = skipped("--no-verify")
+
+            quantization = None
+            if options.precision == "int8":
+                stages.next("calibrating and quantizing to int8")
+                quantization = _quantize(onnx_path, source, calibration, batch, result.opset, options)
 
             stages.next("writing the manifest")
             export_info = {
@@ -178,10 +218,40 @@ def export_bundle(
             manifest = _manifest(
                 onnx_path, source, batch, result.opset, options.precision, parity, export_info
             )
+            manifest.quantization = quantization or {}
             manifest.scheduler_config = _scheduler_config(tmp, source.diffusion, log)
             manifest.save(tmp)
             load_manifest(tmp / MANIFEST_NAME)  # what we wrote must read back
     return manifest
+
+
+def _quantize(onnx_path: Path, source, calibration, batch, opset, options: ExportOptions) -> dict:
+    """Replace the bundle's fp32 graph by its calibrated int8 Q/DQ graph; with `verify`, check its images
+    against fp32's (raising Int8CheckError). → the manifest's `quantization` section."""
+    import shutil
+    import tempfile
+
+    from dtk.export.int8_checks import Int8CheckError, check_int8
+    from dtk.export.quantize import quantize
+
+    with tempfile.TemporaryDirectory(prefix="dtk-int8-") as work:
+        fp32_path = Path(work) / ONNX_NAME
+        shutil.move(onnx_path, fp32_path)
+        result = quantize(
+            fp32_path, onnx_path, calibration, method=options.calibration_method, outputs=options.int8_outputs
+        )
+        section = result.to_dict()
+        if not options.verify:
+            section["checks"] = {"verified": False, "reason": "--no-verify"}
+            return section
+        manifest = _manifest(onnx_path, source, batch, opset, "int8", {}, {})
+        checks = check_int8(
+            manifest, fp32_path, onnx_path, calibration.images, options.check_samples, options.seed
+        )
+    if not checks.passed:
+        raise Int8CheckError(checks)
+    section["checks"] = {"verified": True, **checks.to_dict()}
+    return section
 
 
 def graph_io(onnx_path) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -351,16 +421,14 @@ def _stderr(message: str) -> None:
 class _Stages:
     """A tqdm bar over the export's stages on stderr, or nothing."""
 
-    TOTAL = 4
-
-    def __init__(self, enabled: bool):
-        self.enabled, self.bar, self.done = enabled, None, 0
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total, self.bar, self.done = enabled, total, None, 0
 
     def __enter__(self):
         if self.enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.TOTAL, desc="export", unit="stage", file=sys.stderr, leave=False)
+            self.bar = tqdm(total=self.total, desc="export", unit="stage", file=sys.stderr, leave=False)
         return self
 
     def next(self, what: str) -> None:

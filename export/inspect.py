@@ -14,7 +14,16 @@ from dtk.runtime.files import sha256
 from dtk.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 ORT_TYPES = {"float": "float32", "double": "float64"}  # ONNX Runtime's names that differ from numpy's
-ONNX_TYPES = {1: "float32", 10: "float16", 11: "float64", 7: "int64", 6: "int32", 9: "bool", 16: "bfloat16"}
+ONNX_TYPES = {
+    1: "float32",
+    10: "float16",
+    11: "float64",
+    7: "int64",
+    6: "int32",
+    3: "int8",
+    9: "bool",
+    16: "bfloat16",
+}
 
 
 def describe(path) -> dict:
@@ -47,6 +56,7 @@ def describe_bundle(bundle: Path) -> dict:
         "opset": manifest.opset,
         "schedule": schedule_summary(manifest),
         "parity": parity_summary(manifest.parity),
+        **({"quantization": quantization_summary(manifest.quantization)} if manifest.quantization else {}),
         "source": dict(manifest.source),
         "model": {k: v for k, v in manifest.model.items() if k != "config"},
         "files": _bundle_files(bundle, manifest),
@@ -117,6 +127,32 @@ def parity_summary(parity: dict) -> dict:
     return out
 
 
+def quantization_summary(quantization: dict) -> dict:
+    """An int8 bundle's calibration, what stayed in float, and the checks against fp32."""
+    calibration = quantization.get("calibration", {})
+    checks = quantization.get("checks", {})
+    out = {
+        "format": f"{quantization.get('format')} ({quantization.get('tool')})",
+        "weights": quantization.get("weights"),
+        "activations": quantization.get("activations"),
+        "calibration": {k: calibration.get(k) for k in ("data", "size", "method", "timesteps", "seed")},
+        "quantized_ops": quantization.get("quantized_ops", {}),
+        "kept_float": {group: len(names) for group, names in quantization.get("kept_float", {}).items()},
+    }
+    if not checks.get("verified"):
+        out["checks"] = {"verified": False, "reason": checks.get("reason", "not recorded")}
+        return out
+    chain, quality = checks["chain"], checks["quality"]
+    out["checks"] = {
+        "passed": checks["passed"],
+        "against": f"fp32 graph, {checks['samples']} samples, {checks['sampler']}, seed {checks['seed']}",
+        "images": f"mean |Δ| {chain['mean_abs_255']:.2f}/255 ≤ {chain['bound_255']:.0f}/255",
+        "quality": f"Fréchet distance int8 {quality['int8']:.4g} ≤ {quality['bound']:.4g} "
+        f"(fp32 {quality['fp32']:.4g}, floor {quality['floor']:.4g})",
+    }
+    return out
+
+
 def describe_onnx(path: Path) -> dict:
     try:
         import onnx  # noqa: F401
@@ -136,7 +172,11 @@ def describe_onnx(path: Path) -> dict:
         "nodes": len(graph.node),
         "op_types": dict(Counter(n.op_type for n in graph.node).most_common(12)),
         "initializers": dict(float_types),
-        "precision": "fp16" if float_types.get("float16") else "fp32",
+        "precision": "int8"
+        if any(n.op_type == "DequantizeLinear" for n in graph.node)
+        else "fp16"
+        if float_types.get("float16")
+        else "fp32",
         "metadata": {p.key: p.value for p in model.metadata_props},
         "files": [_file_entry(path)],
     }

@@ -107,6 +107,7 @@ def _load_checkpoint(path: Path, weights: str) -> ModelSource:
             "sha256": sha256(path),
             "weights": weights,
             "step": int(ckpt.step),
+            "dataset": ((ckpt.train_state or {}).get("config") or {}).get("dataset"),
         },
         model_info={
             "architecture": "dtk.UNet",

@@ -2,11 +2,13 @@
 
 TensorRT 10 (JetPack 6 on Jetson Orin) takes the precision as a builder flag (FP16). TensorRT 11 builds
 strongly typed networks only: the precision is the ONNX graph's own, so an fp16 engine comes from an fp16
-export (`dtk export --precision fp16`). The installed major version picks the path. Engines are built on the
-GPU that will run them; the sidecar records which, and the runtime refuses a plan built for another TensorRT
-or GPU. A new engine is checked against ONNX Runtime (dtk.export.engine_check) before it replaces anything:
-one that fails leaves no plan. `engine_name` puts several engines in one bundle (`unet-<name>.plan`, one per
-GPU model or precision), each with its sidecar.
+export (`dtk export --precision fp16`). An int8 bundle is a Q/DQ graph (explicit quantization, no calibrator):
+TensorRT 11 and strongly typed builds take it as it is; weakly typed TensorRT 10 also needs the INT8 flag.
+The installed major version picks the path. Engines are built on the GPU that will run them; the sidecar
+records which, and the runtime refuses a plan built for another TensorRT or GPU. A new engine is checked
+against ONNX Runtime (dtk.export.engine_check) before it replaces anything: one that fails leaves no plan.
+`engine_name` puts several engines in one bundle (`unet-<name>.plan`, one per GPU model or precision), each
+with its sidecar.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ OPT_LEVELS = range(0, 6)  # TensorRT's builder optimization levels; 3 is its def
 class EngineOptions:
     """How to build unet.plan. Each field is one `dtk build-engine` flag."""
 
-    precision: str | None = None  # fp32 | fp16; None: the bundle's ONNX precision
+    precision: str | None = None  # fp32 | fp16 | int8; None: the bundle's ONNX precision
     workspace: int | None = (
         None  # MiB of scratch memory TensorRT may use (small Jetson boards); None: its default
     )
@@ -252,6 +254,12 @@ def _network_flags(trt, strongly_typed: bool) -> int:
 
 def _precision(options: EngineOptions, manifest: Manifest, strongly_typed: bool, major: int) -> str:
     requested = options.precision or manifest.precision
+    if "int8" in (requested, manifest.precision) and requested != manifest.precision:
+        raise DtkError(
+            f"an {requested} engine cannot come from this {manifest.precision} bundle: int8 engines are "
+            "built from the Q/DQ graph of `dtk export --precision int8` (explicit quantization), and only "
+            "as int8"
+        )
     if strongly_typed and requested != manifest.precision:
         who = f"TensorRT {major}" if major >= 11 else "--strongly-typed"
         raise DtkError(
@@ -301,6 +309,8 @@ def _configure(trt, config, options: EngineOptions, precision: str, strongly_typ
         config.builder_optimization_level = options.opt_level
     if precision == "fp16" and not strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16)  # TensorRT 10 only: 11 removed the weak-typing flags
+    if precision == "int8" and not strongly_typed:
+        config.set_flag(trt.BuilderFlag.INT8)  # TensorRT 10 weakly typed: Q/DQ layers need it
     tf32 = getattr(trt.BuilderFlag, "TF32", None)
     if precision == "fp32" and tf32 is not None:
         config.clear_flag(tf32)  # fp32 means fp32: TF32 matmuls would cost parity with ONNX Runtime

@@ -25,7 +25,7 @@ ONNX_NAME = "unet.onnx"
 PLAN_NAME = "unet.plan"
 SIDECAR_SUFFIX = ".json"  # unet.plan -> unet.plan.json
 DTYPES = ("float32", "float16", "int64", "int32")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 CLASS_LABELS = "class_labels"  # the int64 [batch] input of a class-conditional graph
 BETAS_RTOL = 1e-6  # explicit betas must be the config's schedule (float32 round trips pass)
 MAX_SIDE = 16384  # image side, pixels
@@ -64,6 +64,7 @@ class Manifest:
     source: dict = field(default_factory=dict)  # kind, path, sha256
     model: dict = field(default_factory=dict)  # architecture config and parameter count, informative
     export: dict = field(default_factory=dict)  # exporter settings, informative
+    quantization: dict = field(default_factory=dict)  # int8: what was quantized, calibration, checks
     created_by: str = ""
     classes: dict | None = None  # conditional models: num_classes, names, null_class (dtk.runtime.guidance)
 
@@ -102,6 +103,7 @@ class Manifest:
             "model": self.model,
             "export": self.export,
             **({"classes": self.classes} if self.classes is not None else {}),
+            **({"quantization": self.quantization} if self.quantization else {}),
         }
 
     def save(self, bundle_dir: str | Path) -> Path:
@@ -162,6 +164,10 @@ def _parse(data, where: str) -> Manifest:
     )
     need(manifest.precision in PRECISIONS, f"unknown precision {manifest.precision!r}")
     need(
+        (manifest.precision == "int8") == bool(manifest.quantization),
+        "an int8 bundle needs a quantization section, and only an int8 bundle has one",
+    )
+    need(
         1 <= manifest.batch["min"] <= manifest.batch["opt"] <= manifest.batch["max"],
         "batch needs 1 <= min <= opt <= max",
     )
@@ -198,7 +204,7 @@ def _fields(data: dict) -> Manifest:
         raise DtkError(f"image.size must be [height, width], got {size!r}")
     batch = need_type(io["batch"], "io.batch", dict, "an object")
     sections = {}
-    for name in ("parity", "source", "model", "export"):
+    for name in ("parity", "source", "model", "export", "quantization"):
         sections[name] = need_type(data.get(name, {}), name, dict, "an object")
     return Manifest(
         image_size=tuple(need_int(v, "image.size", 1, MAX_SIDE) for v in size),

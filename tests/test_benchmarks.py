@@ -149,6 +149,15 @@ def test_backends_markdown_names_the_machine_and_the_speedup():
     assert "## tiny (687,347 parameters, 3x16x16)" in text
     assert "| onnxruntime | 1 | fp32 | host | 4.000 | 10.000 | 12.000 | 100.0 | 100.0 | 2.50x |" in text
     assert "| tensorrt | skipped: x |" in text
+    assert "fraction of peak" not in text  # no peaks measured: no roof table
+
+    int8 = {**record, "backend": "onnxruntime", "precision": "int8", "latency_ms": {**record["latency_ms"]}}
+    data["peaks"] = {"fp32": {"gops": 200.0}, "int8": {"gops": 400.0}}
+    data["presets"]["tiny"]["flops_per_image"] = 1e9
+    data["presets"]["tiny"]["batches"][0]["results"].append(int8)
+    text = backends.markdown(data)
+    assert "| onnxruntime | 1 | fp32 | 250.0 | 200.0 | 1.25 |" in text  # 1 GFLOP in 4 ms against 200 GOP/s
+    assert "| onnxruntime | 1 | int8 | 100.0 | 400.0 | 0.25 |" in text  # int8 against the int8 GEMM peak
 
 
 def test_serve_summary_goals_and_table():

@@ -141,6 +141,44 @@ def test_strongly_typed_on_tensorrt10_sets_the_flag_and_no_precision_flag(tmp_pa
     assert trt10.BuilderFlag.FP16 not in build["config"]._flags
 
 
+def _int8_bundle(tmp_path):
+    """A fake bundle whose manifest says int8, with the quantization section an int8 manifest must have."""
+    bundle = _bundle(tmp_path, precision="int8")
+    data = json.loads((bundle / "dtk.json").read_text())
+    data["quantization"] = {"format": "QDQ", "checks": {"verified": False, "reason": "fake"}}
+    (bundle / "dtk.json").write_text(json.dumps(data))
+    return bundle
+
+
+def test_tensorrt10_builds_an_int8_bundle_with_the_int8_flag_and_no_calibrator(tmp_path, trt10):
+    bundle = _int8_bundle(tmp_path)
+    _build(bundle)
+    (build,) = trt10._builds
+    assert build["network_flags"] == 0  # weakly typed: the Q/DQ layers need the INT8 flag
+    assert trt10.BuilderFlag.INT8 in build["config"]._flags
+    assert trt10.BuilderFlag.FP16 not in build["config"]._flags
+    assert not hasattr(build["config"], "int8_calibrator")  # explicit quantization: scales are in the graph
+    assert json.loads((bundle / "unet.plan.json").read_text())["precision"] == "int8"
+
+
+def test_strongly_typed_int8_builds_need_no_precision_flag(tmp_path, trt10, monkeypatch, gpu):
+    _build(_int8_bundle(tmp_path), strongly_typed=True)
+    assert trt10.BuilderFlag.INT8 not in trt10._builds[0]["config"]._flags
+    trt11 = _tensorrt(monkeypatch, gpu, "11.0.0")  # the fake 11 has no INT8 flag: touching it would raise
+    bundle = _int8_bundle(tmp_path / "11")
+    _build(bundle)
+    assert trt11._builds[0]["network_flags"] == 1 << int(trt11.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    assert json.loads((bundle / "unet.plan.json").read_text())["strongly_typed"] is True
+
+
+def test_int8_engines_come_only_from_int8_bundles(tmp_path, trt10):
+    with pytest.raises(DtkError, match=r"an int8 engine cannot come from this fp32 bundle.*--precision int8"):
+        _build(_bundle(tmp_path / "fp32"), precision="int8")
+    with pytest.raises(DtkError, match=r"an fp16 engine cannot come from this int8 bundle"):
+        _build(_int8_bundle(tmp_path / "int8"), precision="fp16")
+    assert trt10._builds == []
+
+
 def test_compatibility_options_reach_the_config_and_the_sidecar(tmp_path, trt10):
     bundle = _bundle(tmp_path)
     _build(bundle, hardware_compat="ampere+", version_compat=True)
@@ -276,7 +314,7 @@ def test_engine_options_are_checked():
 
     assert EngineOptions(hardware_compat=True).hardware_compat == "ampere+"
     assert EngineOptions(hardware_compat=False).hardware_compat == "none"
-    for bad in ({"precision": "int8"}, {"opt_level": 6}, {"workspace": 0}, {"hardware_compat": "turing+"}):
+    for bad in ({"precision": "int4"}, {"opt_level": 6}, {"workspace": 0}, {"hardware_compat": "turing+"}):
         with pytest.raises(DtkError):
             EngineOptions(**bad)
 

@@ -120,7 +120,8 @@ def test_no_verify_and_engine_flags(tiny_checkpoint, tmp_path, capsys, monkeypat
     [
         (["--batch", "1:x"], "is not N, MIN:MAX or MIN:OPT:MAX"),
         (["--opset", "16"], "16 is not in the range x>=17"),
-        (["--precision", "int8"], "'int8' is not one of"),
+        (["--precision", "int4"], "'int4' is not one of"),
+        (["--calibration-size", "0"], "0 is not in the range x>=1"),
     ],
 )
 def test_bad_flags(tiny_checkpoint, tmp_path, capsys, args, message):

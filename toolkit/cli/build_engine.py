@@ -11,9 +11,10 @@ from dtk.cli.engine_options import engine_options, engine_options_from_flags
 @click.argument("bundle", type=click.Path(path_type=str))
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "fp16"]),
+    type=click.Choice(["fp32", "fp16", "int8"]),
     default=None,
-    help="Engine precision (default: the ONNX graph's). TensorRT 11 only builds the ONNX's own precision.",
+    help="Engine precision (default: the ONNX graph's). TensorRT 11 only builds the ONNX's own precision; "
+    "int8 only from an int8 bundle.",
 )
 @engine_options()
 @click.option(

@@ -61,11 +61,32 @@ def parse_batch(value: str):
 )
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "fp16"]),
+    type=click.Choice(["fp32", "fp16", "int8"]),
     default="fp32",
     show_default=True,
     help="fp16 computes in half precision but keeps GroupNorm, softmax/attention and the timestep "
-    "embedding in fp32; inputs and outputs stay float32.",
+    "embedding in fp32; int8 is a calibrated Q/DQ graph (convolutions and linear layers in int8) whose "
+    "images are checked against fp32's; inputs and outputs stay float32.",
+)
+@click.option(
+    "--calibration-data",
+    metavar="DIR|digits|shapes",
+    help="int8: images to calibrate on, noised across the schedule [default: the checkpoint's dataset].",
+)
+@click.option(
+    "--calibration-size",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="int8: calibration images (each at its own timestep).",
+)
+@click.option(
+    "--int8-outputs",
+    type=click.Choice(["int8", "float"]),
+    default="int8",
+    show_default=True,
+    help="int8: convolution outputs in int8 (what ONNX Runtime's CPU int8 kernels need) or in float "
+    "(closer to fp32; TensorRT fuses either; no CPU speed-up).",
 )
 @click.option(
     "--no-verify", is_flag=True, help="Skip the parity check against PyTorch (a warning is printed)."
@@ -162,6 +183,9 @@ def command(
     opset,
     batch,
     precision,
+    calibration_data,
+    calibration_size,
+    int8_outputs,
     no_verify,
     atol,
     rtol,
@@ -191,6 +215,7 @@ def command(
     compared with PyTorch at timesteps near 0, T/2 and T-1 at the smallest and largest batch, and over a short
     DDIM chain; a difference out of tolerance fails the export and writes no bundle."""
     from dtk.export.bundle import ExportOptions, export_bundle
+    from dtk.export.int8_checks import Int8CheckError, format_checks
     from dtk.export.parity import ParityError, format_table, report_from_dict
 
     options = ExportOptions(
@@ -207,6 +232,9 @@ def command(
         weights=weights,
         external_data=True if external_data else None,
         exporter=exporter,
+        calibration_data=calibration_data,
+        calibration_size=calibration_size,
+        int8_outputs=int8_outputs,
     )
     start = time.perf_counter()
     try:
@@ -214,8 +242,13 @@ def command(
     except ParityError as e:
         click.echo(format_table(e.report))
         raise
+    except Int8CheckError as e:
+        click.echo(format_checks(e.checks.to_dict()))
+        raise
     if manifest.parity.get("verified"):
         click.echo(format_table(report_from_dict(manifest.parity)))
+    if manifest.quantization.get("checks", {}).get("verified"):
+        click.echo(format_checks(manifest.quantization["checks"]))
     batch_range = manifest.batch
     batch_text = (
         f"fixed batch {batch_range['min']}"
