@@ -95,6 +95,18 @@ def test_reads_io_from_the_session_and_computes_the_graph(toy_path):
         np.testing.assert_allclose(denoiser(x, 250), expected(x, [250] * 3), atol=1e-6)  # scalar broadcast
 
 
+def test_integer_timesteps_are_made_once_per_batch_and_read_only(toy_path):
+    with OnnxRuntimeDenoiser(toy_path, toy_manifest(), threads=1) as denoiser:
+        x = np.linspace(-1, 1, 2 * 16, dtype=np.float32).reshape(2, *CHW)
+        for t in (999, 500, 999):
+            np.testing.assert_allclose(denoiser(x, t), expected(x, [t, t]), atol=1e-6)
+        np.testing.assert_allclose(denoiser(x[:1], 999), expected(x[:1], [999]), atol=1e-6)
+        assert sorted(denoiser._timestep_arrays) == [(500, 2), (999, 1), (999, 2)]
+        t = denoiser._timesteps(999, 2)
+        assert t is denoiser._timesteps(999, 2) and t.dtype == np.float32 and not t.flags.writeable
+        assert denoiser._timesteps(np.int64(7), 2).tolist() == [7.0, 7.0]  # other scalars as before
+
+
 def test_session_options_and_providers_are_explicit(toy_path):
     with OnnxRuntimeDenoiser(toy_path, threads=1) as denoiser:
         options = denoiser.session.get_session_options()
