@@ -4,6 +4,8 @@ an error for their request only."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,16 +18,28 @@ from dtk.runtime import Pipeline
 tritonclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from dtk.export.triton_server import TritonServer  # noqa: E402
+from dtk.export.triton_server import ServerOptions, TritonServer  # noqa: E402
+from dtk.runtime.manifest import MANIFEST_NAME  # noqa: E402
 
 STEPS = 3
 
 
+NO_NULL = "dtk_sampler_no_null"
+
+
 @pytest.fixture(scope="module")
 def server(conditional_bundle, tmp_path_factory):
+    """dtk_sampler for the conditional bundle, and NO_NULL for the same bundle recorded without a null class
+    (as a diffusers model with num_class_embeds exports): one server for both."""
     repo = tmp_path_factory.mktemp("triton-conditional-repo")
     write_sampler_model(conditional_bundle, repo, SamplerOptions(steps=STEPS, sampler="ddim"))
-    with TritonServer(repo) as running:
+    no_null = tmp_path_factory.mktemp("no-null") / "bundle"
+    shutil.copytree(conditional_bundle, no_null)
+    manifest = json.loads((no_null / MANIFEST_NAME).read_text())
+    manifest["classes"]["null_class"] = None
+    (no_null / MANIFEST_NAME).write_text(json.dumps(manifest))
+    write_sampler_model(no_null, repo, SamplerOptions(name=NO_NULL, steps=STEPS, sampler="ddim"))
+    with TritonServer(repo, ServerOptions(models=("dtk_sampler", NO_NULL))) as running:
         yield running
 
 
@@ -43,7 +57,7 @@ def local(conditional_bundle):
         yield image
 
 
-def infer(client, seeds, labels=None, scale=None, parameters=None):
+def infer(client, seeds, labels=None, scale=None, parameters=None, model="dtk_sampler"):
     inputs = {
         "seed": (seeds, np.int64),
         "class_label": (labels, np.int64),
@@ -57,7 +71,7 @@ def infer(client, seeds, labels=None, scale=None, parameters=None):
         tensor = tritonclient.InferInput(name, list(array.shape), "INT64" if dtype is np.int64 else "FP32")
         tensor.set_data_from_numpy(array)
         tensors.append(tensor)
-    return client.infer("dtk_sampler", tensors, parameters=parameters).as_numpy("image")
+    return client.infer(model, tensors, parameters=parameters).as_numpy("image")
 
 
 @pytest.fixture
@@ -132,6 +146,23 @@ def test_bad_labels_and_scales_get_a_clear_error(client, case):
     with pytest.raises(InferenceServerException) as info:
         infer(client, inputs.get("seeds", [1]), inputs.get("labels"), inputs.get("scale"), parameters)
     assert fragment in info.value.message()
+
+
+def test_a_bundle_without_a_null_class_needs_labels_and_takes_no_guidance(client, local):
+    """Its labelled images are those of the same network with labels (guidance off); no label, or s ≠ 1: an
+    error."""
+    assert np.array_equal(infer(client, [7], [1], model=NO_NULL)[0], local(7, 1))
+    for labels, scale, fragment in [
+        (None, None, "dtk_sampler: this model has no null class; pass class labels"),
+        (
+            [1],
+            [3.0],
+            "guidance scale 3 needs a model trained with a null class; this model has no null class",
+        ),
+    ]:
+        with pytest.raises(InferenceServerException) as info:
+            infer(client, [7], labels, scale, model=NO_NULL)
+        assert fragment in info.value.message()
 
 
 def test_bad_requests_leave_the_rest_of_the_batch_answered(server, client, local):
