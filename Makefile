@@ -30,7 +30,7 @@ demo: $(STAMP)
 		--class-conditional --sample-every 500 --out $(DEMO)/run --overwrite
 	$(BIN)/dtk export $(DEMO)/run/model.pt -o $(DEMO)/bundle --batch 1:8:64
 	$(BIN)/dtk inspect $(DEMO)/bundle
-	$(BIN)/dtk sample $(DEMO)/bundle --class all --guidance-scale $(GUIDANCE) --num 80 --steps 50 --sampler ddim \
+	$(BIN)/dtk sample $(DEMO)/bundle --class all --guidance-scale $(GUIDANCE) --num 80 --steps 10 --sampler dpmpp-2m-sde \
 		--seed 0 --out $(DEMO)/samples.png
 	$(BIN)/dtk bench $(DEMO)/bundle --checkpoint $(DEMO)/run/model.pt --compare torch,onnxruntime,tensorrt \
 		--batch 1 --duration 2 -o $(DEMO)/bench.json

@@ -284,7 +284,7 @@ def plot(data: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9.0, 6.0))
     for k, sampler in enumerate(dict.fromkeys(r["sampler"] for r in data["results"])):
-        rows = [r for r in data["results"] if r["sampler"] == sampler]
+        rows = sorted((r for r in data["results"] if r["sampler"] == sampler), key=lambda r: r["nfe"])
         nfe = [r["nfe"] for r in rows]
         fd = [r["frechet_distance"] for r in rows]
         style = "-" if "+" not in sampler else "--"

@@ -162,8 +162,15 @@ class Pipeline:
                 def noise(i, source=source, run=run):
                     return source.step(run, shape)
 
-                if class_labels is not None:  # on the host: guidance combines two outputs before the update
+                chunk_labels = None
+                if class_labels is not None:
                     chunk_labels = np.resize(class_labels[first : first + keep], run)  # pad: any label
+                if chunk_labels is not None and getattr(self.denoiser, "chain_guidance", False):
+                    # the device chain: guidance folded into its update kernel
+                    x = run_chain(
+                        plan, x, noise, on_step if listening else None, chunk_labels, guidance_scale
+                    )
+                elif chunk_labels is not None:  # on the host: guidance combines two outputs before the update
                     denoise = self._guided(chunk_labels, guidance_scale)
                     x = sample_loop(denoise, x, plan, noise, on_step if listening else None)
                 elif run_chain is not None:

@@ -526,18 +526,24 @@ class UpdateKernel:
         coeffs: DeviceBuffer,
         n: int,
         image_elements: int,
+        out_u: DeviceBuffer | None = None,
+        x_copy: DeviceBuffer | None = None,
     ) -> None:
         """x ← x_next and the x0 history ← (x0, x0_prev) over the first `n` float32 elements, images of
         `image_elements` each; x0_prev holds [2, n] (x0_prev, then x0_prev2); coeffs holds one
-        `kernel_coefficients` row."""
+        `kernel_coefficients` row. With `out_u` (the unconditional output) the update uses
+        out_u + s·(out − out_u), s from the row; x_next also goes to `x_copy` when given."""
         if image_elements < 1 or n % image_elements:
             raise ValueError(f"{n} elements are not whole images of {image_elements}")
-        _check_fits(4 * n, x, out, noise)
+        extra = [b for b in (out_u, x_copy) if b is not None]
+        _check_fits(4 * n, x, out, noise, *extra)
         _check_fits(8 * n, x0_prev)
         _check_fits(4 * COEFF_SLOTS, coeffs)
-        # cuLaunchKernel takes an array of pointers to the argument values; all seven are 8 bytes wide.
+        # cuLaunchKernel takes an array of pointers to the argument values; all nine are 8 bytes wide.
+        optional = [b.ptr if b is not None else 0 for b in (out_u, x_copy)]  # 0: a null pointer
         values = np.array(
-            [x.ptr, x0_prev.ptr, out.ptr, noise.ptr, coeffs.ptr, n, image_elements], dtype=np.uint64
+            [x.ptr, x0_prev.ptr, out.ptr, noise.ptr, coeffs.ptr, n, image_elements, *optional],
+            dtype=np.uint64,
         )
         pointers = values.ctypes.data + 8 * np.arange(len(values), dtype=np.uint64)
         blocks = max(1, min(-(-image_elements // BLOCK_SIZE), MAX_BLOCKS))

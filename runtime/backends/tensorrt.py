@@ -8,13 +8,15 @@ batch are allocated once; the engine's named tensors are bound to them once. `ru
 step copies that step's timestep, coefficients and host noise through pinned memory, runs the engine and the
 NVRTC update kernel; x only comes back at the end (or for a callback). With `cuda_graph=True` a step is
 captured once per batch size and replayed: its inputs are read from the pinned buffers at replay time, so
-every step's own numbers flow through one unchanged graph.
+every step's own numbers flow through one unchanged graph. With labels and a guidance scale the engine runs on
+the conditional and unconditional halves and the update kernel combines them in the same launch.
 """
 
 from __future__ import annotations
 
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from dtk.runtime.backends.cuda import (
     COEFF_SLOTS,
     Cuda,
     CudaSession,
+    DeviceBuffer,
     UpdateKernel,
     UpdateKernelUnavailable,
     gpu_info,
@@ -105,10 +108,23 @@ def _echo(line: str) -> None:
         print(line, file=sys.stderr)
 
 
+@dataclass(frozen=True)
+class ChainGuide:
+    """How a chain's steps run: `count` elements of x; with guidance the unconditional output and where x
+    is mirrored (the second half of a 2B input), or a second engine call with the null labels."""
+
+    mode: str
+    count: int
+    out_u: DeviceBuffer | None = None
+    x_copy: DeviceBuffer | None = None
+    second_call: bool = False
+
+
 class TensorRTDenoiser(DenoiserBase):
     """A TensorRT plan on one GPU: `__call__` on host arrays, `run_chain` for device-resident sampling."""
 
     name = "tensorrt"
+    chain_guidance = True  # run_chain takes labels and a guidance scale
 
     def __init__(
         self,
@@ -126,6 +142,7 @@ class TensorRTDenoiser(DenoiserBase):
         self._context = self._engine = self._runtime = None
         self._graphs: dict[str, object] = {}
         self._kernel: UpdateKernel | None = None
+        self._guide_out: DeviceBuffer | None = None  # the unconditional output of two-call guidance
         self._closed = False
         if not self.plan_path.is_file():
             raise file_error(self.plan_path, "no such plan; build one with `dtk build-engine BUNDLE`")
@@ -319,12 +336,16 @@ class TensorRTDenoiser(DenoiserBase):
 
     # -- sampling on the device ------------------------------------------------------------------------------
 
-    def run_chain(self, plan, x: np.ndarray, noise, callback=None) -> np.ndarray:
+    def run_chain(
+        self, plan, x: np.ndarray, noise, callback=None, labels=None, guidance_scale: float = 1.0
+    ) -> np.ndarray:
         """`sample_loop` with x kept on the GPU: per step the engine, then the update kernel, on one stream.
 
         `noise(i)` is called (host generator, same order as on the CPU) for steps that need noise, one step
         ahead so it overlaps the GPU's work. With a callback, x is copied back after every step for
-        `callback(i, t, x)`.
+        `callback(i, t, x)`. A conditional plan samples `labels` (None: its null class); a guidance scale
+        s ∉ {0, 1} runs the engine on the conditional and unconditional halves (one call on 2B images where
+        the profile allows it, else two calls) and the update kernel combines them in its one launch.
         """
         x = np.ascontiguousarray(self._check_sample(x), dtype=np.float32)
         for name in (self._sample, self._output):
@@ -342,20 +363,20 @@ class TensorRTDenoiser(DenoiserBase):
             )
             from dtk.runtime.samplers import sample_loop
 
-            return sample_loop(self._denoise, x, plan, noise, callback)
+            return sample_loop(
+                self._host_denoise(labels, guidance_scale, x.shape[0]), x, plan, noise, callback
+            )
         batch, shape = x.shape[0], x.shape
         count = x.size
-        self._set_batch(batch)
-        self._stage(self._sample, x)
-        self._stage_labels(None, batch)  # a conditional plan's chain runs its null class
+        guide = self._stage_chain(x, labels, guidance_scale)
         session.zero(self._x0_prev, 8 * count)
 
-        coeffs = kernel_coefficients(plan, self._elements[self._sample])
+        coeffs = kernel_coefficients(plan, self._elements[self._sample], guidance_scale)
         needs_noise = np.asarray(plan.needs_noise, dtype=bool)
         timesteps = np.asarray(plan.timesteps)
-        graph = self._step_graph(kernel, batch) if self.cuda_graph else None
+        graph = self._step_graph(kernel, guide) if self.cuda_graph else None
         # the pinned staging buffers, viewed once: each step writes its inputs into them
-        timestep_host = self._host[self._timestep].array(self._dtype[self._timestep], batch)
+        timestep_host = self._host[self._timestep].array(self._dtype[self._timestep], self._batch)
         coeffs_host = self._coeffs_host.array(np.float32)
         noise_host = self._noise_host.array(np.float32, count)
         pending = self._draw(noise, 0, shape) if len(timesteps) and needs_noise[0] else None
@@ -368,25 +389,38 @@ class TensorRTDenoiser(DenoiserBase):
             if graph is not None:
                 graph.launch()
             else:
-                self._enqueue_step(kernel, batch, with_noise=pending is not None)
+                self._enqueue_step(kernel, guide, with_noise=pending is not None)
             if callback is not None:
                 callback(i, int(t), self._fetch(self._sample, batch))
             last = i + 1 == len(timesteps)
             pending = self._draw(noise, i + 1, shape) if not last and needs_noise[i + 1] else None
         return self._fetch(self._sample, batch)
 
-    def _enqueue_step(self, kernel: UpdateKernel, batch: int, with_noise: bool) -> None:
-        """One sampler step on the stream: the step's inputs from pinned memory, the engine, the update."""
-        session, count = self._session, batch * self._elements[self._sample]
-        timestep_bytes = batch * self._dtype[self._timestep].itemsize
+    def _enqueue_step(self, kernel: UpdateKernel, guide: ChainGuide, with_noise: bool) -> None:
+        """One sampler step on the stream: the step's inputs from pinned memory, the engine (twice for
+        guidance in two calls: the second with the null labels into the unconditional output), the update."""
+        session = self._session
+        timestep_bytes = self._batch * self._dtype[self._timestep].itemsize
         session.upload(self._device[self._timestep], self._host[self._timestep], timestep_bytes)
         session.upload(self._coeffs_device, self._coeffs_host, 4 * COEFF_SLOTS)
         if with_noise:
-            session.upload(self._noise_device, self._noise_host, 4 * count)
+            session.upload(self._noise_device, self._noise_host, 4 * guide.count)
         self._execute()
-        self._launch_update(kernel, count)
+        if guide.second_call:
+            self._bind(self._labels, self._null_labels)
+            self._bind(self._output, guide.out_u)
+            try:
+                self._execute()
+            finally:
+                self._bind(self._labels, self._device[self._labels])
+                self._bind(self._output, self._device[self._output])
+        self._launch_update(kernel, guide, guide.count)
 
-    def _launch_update(self, kernel: UpdateKernel, count: int) -> None:
+    def _bind(self, name: str, buffer: DeviceBuffer) -> None:
+        if not self._context.set_tensor_address(name, buffer.ptr):
+            raise DtkError(f"{self.plan_path}: TensorRT refused the address of tensor {name!r}")
+
+    def _launch_update(self, kernel: UpdateKernel, guide: ChainGuide, count: int) -> None:
         kernel.launch(
             x=self._device[self._sample],
             x0_prev=self._x0_prev,
@@ -395,18 +429,70 @@ class TensorRTDenoiser(DenoiserBase):
             coeffs=self._coeffs_device,
             n=count,
             image_elements=self._elements[self._sample],
+            out_u=guide.out_u,
+            x_copy=guide.x_copy,
         )
 
-    def _step_graph(self, kernel: UpdateKernel, batch: int):
-        if "step" not in self._graphs:
+    def _step_graph(self, kernel: UpdateKernel, guide: ChainGuide):
+        key = f"step-{guide.mode}"  # the kernel's pointers differ per mode; the batch is fixed until dropped
+        if key not in self._graphs:
             self._warm_up()
             # the kernel's first launch loads it, which a capture allows only on drivers from CUDA 12.3:
             # launch it once outside the capture, over no elements
-            self._launch_update(kernel, 0)
-            self._graphs["step"] = self._session.capture(
-                lambda: self._enqueue_step(kernel, batch, with_noise=True)
+            self._launch_update(kernel, guide, 0)
+            self._graphs[key] = self._session.capture(
+                lambda: self._enqueue_step(kernel, guide, with_noise=True)
             )
-        return self._graphs["step"]
+        return self._graphs[key]
+
+    def _stage_chain(self, x: np.ndarray, labels, guidance_scale: float) -> ChainGuide:
+        """Set the engine's batch and upload x and the labels for a chain: B images and `labels` (s = 1) or
+        the null class (s = 0, or no labels); with guidance [x, x] and [labels, null] on 2B images, or, where
+        the profile's max batch is below 2B, B images and the null labels in their own buffer for a second
+        call into a second output buffer."""
+        from dtk.runtime.guidance import check_labels, check_scale
+
+        batch, count = x.shape[0], x.size
+        check_scale(guidance_scale, self.manifest.classes)
+        if labels is not None:
+            labels = check_labels(labels, batch, self.plan_path)
+        if labels is None or guidance_scale in (0.0, 1.0):
+            self._set_batch(batch)
+            self._stage(self._sample, x)
+            self._stage_labels(labels if guidance_scale == 1.0 else None, batch)
+            return ChainGuide("plain", count)
+        null = np.full(batch, self._null_class, dtype=np.int64)
+        if 2 * batch <= self.batch_range[1]:
+            self._set_batch(2 * batch)
+            self._stage(self._sample, np.concatenate([x, x]))
+            self._stage_labels(np.concatenate([labels, null]), 2 * batch)
+            out, sample = self._device[self._output], self._device[self._sample]
+            out_u = DeviceBuffer(out.ptr + 4 * count, out.nbytes - 4 * count)
+            x_copy = DeviceBuffer(sample.ptr + 4 * count, sample.nbytes - 4 * count)
+            return ChainGuide("one-call", count, out_u=out_u, x_copy=x_copy)
+        self._set_batch(batch)
+        self._stage(self._sample, x)
+        if self._guide_out is None:  # TensorRT wants 256-byte aligned tensors: buffers of their own
+            session, high = self._session, self.batch_range[1]
+            self._guide_out = session.device_buffer(high * self._elements[self._output] * 4)
+            self._null_labels = session.device_buffer(high * 8)
+        staging = self._host[self._labels]  # the null labels through the labels' staging buffer, once
+        staging.array(np.int64, batch)[:] = null
+        self._session.upload(self._null_labels, staging, 8 * batch)
+        self._session.synchronize()  # before the staging buffer takes the conditional labels
+        self._stage_labels(labels, batch)
+        return ChainGuide("two-call", count, out_u=self._guide_out, second_call=True)
+
+    def _host_denoise(self, labels, guidance_scale: float, batch: int):
+        """The chain's denoiser on the host (no update kernel here): labels and guidance as on the GPU."""
+        if labels is None:
+            return self._denoise
+        from dtk.runtime.guidance import guided
+
+        def denoise(x, t, class_labels):
+            return self(x, np.full(x.shape[0], t, dtype=self._dtype[self._timestep]), class_labels)
+
+        return guided(denoise, np.asarray(labels), self._null_class, guidance_scale, self.batch_range[1])
 
     def _warm_up(self) -> None:
         """TensorRT finishes shape-dependent setup on the first enqueue after a shape change: keep it out of

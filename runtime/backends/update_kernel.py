@@ -1,6 +1,7 @@
 """The sampler update of dtk.runtime.samplers.plan as CUDA source (compiled by NVRTC), and its coefficients.
 
 One element per thread, in fp32, in place over a batch of images:
+    out = out_u + s*(out - out_u)  with classifier-free guidance (out: the conditional half), else out
     x0 = p*x + q*out;  then dynamic thresholding (per image) or clipping, if the plan has either
     x_next = a*x + b*out + c*x0 + d*x0_prev + d2*x0_prev2 + e*noise
     x <- x_next;  x0_prev2 <- x0_prev;  x0_prev <- x0
@@ -10,7 +11,9 @@ whole image before any of it is overwritten, so with it the first block of each 
 (the others return): it finds the two order statistics around the quantile by bisection on the float bits of
 |x0| (31 counting passes each, a block reduction per pass) and interpolates them as numpy and torch do. The
 clamps keep NaN as NaN, like numpy's clip. Terms whose coefficient is zero are left out, as the host update
-leaves them out (so a NaN there does not propagate)."""
+leaves them out (so a NaN there does not propagate). With guidance (`out_u` not null) the network's
+unconditional output is read from `out_u` and s from the coefficients; x_next is also written to `x_copy`
+when given (the second half of a 2B engine input, so the next call sees x twice)."""
 
 from __future__ import annotations
 
@@ -19,8 +22,9 @@ import math
 import numpy as np
 
 UPDATE_KERNEL_NAME = "dtk_sampler_update"
-# p, q, a, b, c, d, e, d2, clip (<= 0: none), quantile's lower index (< 0: no thresholding), its fraction, max
-COEFF_SLOTS = 12
+# p, q, a, b, c, d, e, d2, clip (<= 0: none), quantile's lower index (< 0: no thresholding), its fraction,
+# max, guidance scale s (read only with an unconditional output)
+COEFF_SLOTS = 13
 BLOCK_SIZE = 256  # a power of two: the block reduction halves it
 
 UPDATE_KERNEL_SOURCE = r"""
@@ -29,6 +33,13 @@ UPDATE_KERNEL_SOURCE = r"""
 __host__ __device__ inline float dtk_add_term(float total, float coefficient, float value)
 {
     return coefficient != 0.0f ? total + coefficient * value : total;
+}
+
+// the network output the update uses: out_u + s*(out_c - out_u) with guidance, else out as it is
+__host__ __device__ inline float dtk_model_out(
+    const float* out, const float* out_u, const float* coeffs, long long i)
+{
+    return out_u ? out_u[i] + coeffs[12] * (out[i] - out_u[i]) : out[i];
 }
 
 __host__ __device__ inline float dtk_x0_raw(float x, float out, const float* coeffs)
@@ -103,12 +114,12 @@ __host__ __device__ inline void dtk_update_element(
 }
 
 __device__ long long dtk_count_le(
-    const float* x, const float* out, const float* coeffs, long long count, unsigned int key,
-    long long* shared)
+    const float* x, const float* out, const float* out_u, const float* coeffs, long long count,
+    unsigned int key, long long* shared)
 {
     long long mine = 0;
     for (long long i = threadIdx.x; i < count; i += blockDim.x) {
-        mine += dtk_abs_key(dtk_x0_raw(x[i], out[i], coeffs)) <= key;
+        mine += dtk_abs_key(dtk_x0_raw(x[i], dtk_model_out(out, out_u, coeffs, i), coeffs)) <= key;
     }
     shared[threadIdx.x] = mine;
     __syncthreads();
@@ -124,11 +135,13 @@ __device__ long long dtk_count_le(
 }
 
 __device__ unsigned int dtk_select(
-    const float* x, const float* out, const float* coeffs, long long count, long long k, long long* shared)
+    const float* x, const float* out, const float* out_u, const float* coeffs, long long count, long long k,
+    long long* shared)
 {
     DtkBisection b = {0u, 0x7fffffffu};
     while (b.low < b.high) {
-        b = dtk_bisection_step(b, dtk_count_le(x, out, coeffs, count, dtk_bisection_mid(b), shared), k);
+        const long long le = dtk_count_le(x, out, out_u, coeffs, count, dtk_bisection_mid(b), shared);
+        b = dtk_bisection_step(b, le, k);
     }
     return b.low;
 }
@@ -136,11 +149,13 @@ __device__ unsigned int dtk_select(
 extern "C" __global__ void dtk_sampler_update(
     float* __restrict__ x,              // [n] x_t in, x_next out
     float* __restrict__ x0_history,     // [2n] the previous two steps' x0 in, this step's and the last out
-    const float* __restrict__ out,      // [n] network output at x_t
+    const float* __restrict__ out,      // [n] network output at x_t (with guidance: the conditional one)
     const float* __restrict__ noise,    // [n] fresh N(0, 1) noise, read only when e != 0
-    const float* __restrict__ coeffs,   // [12] p, q, a, b, c, d, e, d2, clip, quantile index, fraction, max
+    const float* __restrict__ coeffs,   // [13] p..d2, clip, quantile index, fraction, max, s
     long long n,
-    long long image_n)                  // elements per image; the grid's y is the image
+    long long image_n,                  // elements per image; the grid's y is the image
+    const float* __restrict__ out_u,    // [n] the unconditional output, or null: no guidance
+    float* __restrict__ x_copy)         // [n] x_next written here too, or null
 {
     __shared__ long long shared[DTK_BLOCK];
     const bool thresholding = coeffs[9] >= 0.0f;
@@ -151,9 +166,11 @@ extern "C" __global__ void dtk_sampler_update(
     float scale = 0.0f;
     if (thresholding) {
         const long long k = (long long)coeffs[9];
-        const unsigned int low = dtk_select(x + begin, out + begin, coeffs, image_n, k, shared);
-        const unsigned int high =
-            k + 1 < image_n ? dtk_select(x + begin, out + begin, coeffs, image_n, k + 1, shared) : low;
+        const float* image_out_u = out_u ? out_u + begin : out_u;
+        const unsigned int low = dtk_select(x + begin, out + begin, image_out_u, coeffs, image_n, k, shared);
+        const unsigned int high = k + 1 < image_n
+            ? dtk_select(x + begin, out + begin, image_out_u, coeffs, image_n, k + 1, shared)
+            : low;
         scale = dtk_threshold_scale(low, high, coeffs);
     }
     const float e = coeffs[6], d2 = coeffs[7];
@@ -163,8 +180,12 @@ extern "C" __global__ void dtk_sampler_update(
         float x_next, x0;
         const float prev = x0_history[i], prev2 = d2 != 0.0f ? x0_history[n + i] : 0.0f;
         const float step_noise = e != 0.0f ? noise[i] : 0.0f;
-        dtk_update_element(x[i], out[i], prev, prev2, step_noise, coeffs, scale, &x_next, &x0);
+        const float model_out = dtk_model_out(out, out_u, coeffs, i);
+        dtk_update_element(x[i], model_out, prev, prev2, step_noise, coeffs, scale, &x_next, &x0);
         x[i] = x_next;
+        if (x_copy) {
+            x_copy[i] = x_next;
+        }
         x0_history[n + i] = prev;
         x0_history[i] = x0;
     }
@@ -172,10 +193,12 @@ extern "C" __global__ void dtk_sampler_update(
 """
 
 
-def kernel_coefficients(plan, image_elements: int) -> np.ndarray:
+def kernel_coefficients(plan, image_elements: int, guidance_scale: float = 1.0) -> np.ndarray:
     """float32 [S, COEFF_SLOTS]: each step's row of the kernel's coefficient buffer for `plan` on images of
-    `image_elements` values (the quantile's position depends on it, as in numpy: ratio·(n − 1))."""
+    `image_elements` values (the quantile's position depends on it, as in numpy: ratio·(n − 1)), and the
+    guidance scale (used only by a launch given the unconditional output)."""
     rows = np.zeros((plan.steps, COEFF_SLOTS), dtype=np.float64)
+    rows[:, 12] = guidance_scale
     rows[:, :8] = plan.coeffs
     rows[:, 8] = plan.clip or 0.0
     rows[:, 9] = -1.0

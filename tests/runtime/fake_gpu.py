@@ -478,15 +478,15 @@ class FakeGpu:
             if found.capture is not None and module not in gpu.launched and not gpu.capture_loads:
                 found.capture_invalid = True  # the first launch loads the kernel: not while capturing
                 return (CUresult.CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,)
-            # kernelParams: seven pointers, each to an 8-byte argument (the driver copies them now)
-            slots = (ctypes.c_uint64 * 7).from_address(params)
-            x, history, out, noise, coeffs, n, image_n = (
+            # kernelParams: nine pointers, each to an 8-byte argument (the driver copies them now)
+            slots = (ctypes.c_uint64 * 9).from_address(params)
+            x, history, out, noise, coeffs, n, image_n, out_u, x_copy = (
                 ctypes.c_uint64.from_address(slot).value for slot in slots
             )
-            for ptr in (x, out, noise):
+            for ptr in (x, out, noise) + tuple(p for p in (out_u, x_copy) if p):  # 0: a null pointer
                 if not gpu.region(ptr, 4 * n, "device"):
                     return (CUresult.CUDA_ERROR_INVALID_VALUE,)
-            if not gpu.region(history, 8 * n, "device") or not gpu.region(coeffs, 48, "device"):
+            if not gpu.region(history, 8 * n, "device") or not gpu.region(coeffs, 52, "device"):
                 return (CUresult.CUDA_ERROR_INVALID_VALUE,)
             if gy * image_n != n:
                 return (CUresult.CUDA_ERROR_INVALID_VALUE,)
@@ -494,8 +494,11 @@ class FakeGpu:
             gpu.launches.append({"grid": (gx, gy, gz), "block": (bx, by, bz), "n": n})
 
             def run():
-                p, q, a, b, c, d, e, d2, clip, low, fraction, top = gpu.view(coeffs, 12, np.float32)
+                p, q, a, b, c, d, e, d2, clip, low, fraction, top, s = gpu.view(coeffs, 13, np.float32)
                 xs, outs = gpu.view(x, n, np.float32), gpu.view(out, n, np.float32)
+                if out_u:  # classifier-free guidance, as the kernel forms it
+                    outs_u = gpu.view(out_u, n, np.float32)
+                    outs = outs_u + s * (outs - outs_u)
                 x0s, x0s_before = gpu.view(history, n, np.float32), gpu.view(history + 4 * n, n, np.float32)
                 v = p * xs + q * outs
                 if low >= 0:  # dynamic thresholding per image, from the quantile's position
@@ -513,6 +516,8 @@ class FakeGpu:
                     nxt = nxt + e * gpu.view(noise, n, np.float32)
                 x0s_before[:] = x0s
                 xs[:], x0s[:] = nxt, v
+                if x_copy:
+                    gpu.view(x_copy, n, np.float32)[:] = nxt
 
             gpu.enqueue(stream, "update", run)
             return (ok,)

@@ -24,6 +24,7 @@ from dtk.runtime.backends.cuda import (
     kernel_coefficients,
 )
 from dtk.runtime.errors import DtkError
+from dtk.runtime.guidance import combine
 from dtk.runtime.samplers import SamplerPlan, Threshold, update
 
 NVCC = shutil.which("nvcc")
@@ -33,25 +34,28 @@ HARNESS = r"""
 #include <cstdio>
 #include <cstdlib>
 __SOURCE__
-// in: n, image_n (int64), coeffs[12], then x, out, x0_prev, x0_prev2, noise (n float32 each);
-// out: x_next, x0 (n float32 each). Per image: the kernel's threshold search, then its element update.
+// in: n, image_n, guided (int64), coeffs[13], then x, out, x0_prev, x0_prev2, noise, out_u (n float32
+// each; out_u read only when guided); out: x_next, x0 (n float32 each). Per image: the kernel's threshold
+// search, then its element update, each on the kernel's (guided) model output.
 int main(int argc, char** argv) {
     FILE* in = fopen(argv[1], "rb");
-    long long n, image_n;
-    float coeffs[12];
-    if (fread(&n, 8, 1, in) != 1 || fread(&image_n, 8, 1, in) != 1) return 2;
-    if (fread(coeffs, 4, 12, in) != 12) return 2;
-    float* data = (float*)malloc(20 * n);
+    long long n, image_n, guided;
+    float coeffs[13];
+    if (fread(&n, 8, 1, in) != 1 || fread(&image_n, 8, 1, in) != 1 || fread(&guided, 8, 1, in) != 1) return 2;
+    if (fread(coeffs, 4, 13, in) != 13) return 2;
+    float* data = (float*)malloc(24 * n);
     float* result = (float*)malloc(8 * n);
-    if (fread(data, 4, 5 * n, in) != (size_t)(5 * n)) return 3;
+    if (fread(data, 4, 6 * n, in) != (size_t)(6 * n)) return 3;
     fclose(in);
+    const float* all_out_u = guided ? data + 5 * n : nullptr;
     for (long long begin = 0; begin < n; begin += image_n) {
         const float* x = data + begin;
         const float* out = data + n + begin;
+        const float* out_u = guided ? all_out_u + begin : nullptr;
         auto count_le = [&](unsigned int key) {
             long long count = 0;
             for (long long j = 0; j < image_n; ++j) {
-                count += dtk_abs_key(dtk_x0_raw(x[j], out[j], coeffs)) <= key;
+                count += dtk_abs_key(dtk_x0_raw(x[j], dtk_model_out(out, out_u, coeffs, j), coeffs)) <= key;
             }
             return count;
         };
@@ -68,7 +72,8 @@ int main(int argc, char** argv) {
         for (long long i = begin; i < begin + image_n; ++i) {
             float noise = coeffs[6] != 0.0f ? data[4 * n + i] : 0.0f;  // as the kernel reads them
             float prev2 = coeffs[7] != 0.0f ? data[3 * n + i] : 0.0f;
-            dtk_update_element(data[i], data[n + i], data[2 * n + i], prev2, noise, coeffs, scale,
+            const float model_out = dtk_model_out(data + n, all_out_u, coeffs, i);
+            dtk_update_element(data[i], model_out, data[2 * n + i], prev2, noise, coeffs, scale,
                                &result[i], &result[n + i]);
         }
     }
@@ -132,7 +137,8 @@ def test_nvcc_compiles_the_kernel_cleanly(tmp_path, arch):
     text = ptx.read_text()
     entry = re.search(rf"\.visible \.entry {UPDATE_KERNEL_NAME}\((.*?)\)", text, re.S)
     assert entry, 'extern "C" entry point missing (NVRTC looks it up by this unmangled name)'
-    assert re.findall(r"\.param \.(\w+)", entry.group(1)) == ["u64"] * 7  # 5 pointers + n + image_n
+    # 5 pointers + n + image_n + the unconditional output and x's copy (null without guidance)
+    assert re.findall(r"\.param \.(\w+)", entry.group(1)) == ["u64"] * 9
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +157,21 @@ def harness(tmp_path_factory):
     return binary
 
 
+def _run_harness(harness, folder, coeffs, image_n, x, out, x0_prev, x0_prev2, noise, out_u=None):
+    """The harness on these arrays (with `out_u`: guided, s from the row) → x_next, x0."""
+    n = x.size
+    guided = out_u is not None
+    out_u = out_u if guided else np.full(n, np.nan, dtype=np.float32)  # never read without guidance
+    (folder / "in.bin").write_bytes(
+        np.array([n, image_n, guided], dtype=np.int64).tobytes()
+        + coeffs.tobytes()
+        + np.concatenate([x, out, x0_prev, x0_prev2, noise, out_u]).tobytes()
+    )
+    run = subprocess.run([str(harness), str(folder / "in.bin"), str(folder / "out.bin")], capture_output=True)
+    assert run.returncode == 0, run.stderr
+    return np.fromfile(folder / "out.bin", dtype=np.float32).reshape(2, n)
+
+
 @pytest.mark.parametrize(("row", "clip", "threshold"), CASES)
 def test_the_kernels_arithmetic_is_the_contract_update(harness, tmp_path, row, clip, threshold):
     image_n = 333  # not a multiple of anything the kernel uses
@@ -161,17 +182,7 @@ def test_the_kernels_arithmetic_is_the_contract_update(harness, tmp_path, row, c
     if row[7] == 0:
         x0_prev2[:] = np.nan  # never read when d2 == 0
     coeffs = kernel_coefficients(_plan(row, clip, threshold), image_n)[0]
-    (tmp_path / "in.bin").write_bytes(
-        np.int64(n).tobytes()
-        + np.int64(image_n).tobytes()
-        + coeffs.tobytes()
-        + np.concatenate([x, out, x0_prev, x0_prev2, noise]).tobytes()
-    )
-    run = subprocess.run(
-        [str(harness), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], capture_output=True
-    )
-    assert run.returncode == 0, run.stderr
-    x_next, x0 = np.fromfile(tmp_path / "out.bin", dtype=np.float32).reshape(2, n)
+    x_next, x0 = _run_harness(harness, tmp_path, coeffs, image_n, x, out, x0_prev, x0_prev2, noise)
 
     want_next, want_x0 = _numpy_update(row, clip, threshold, x, out, x0_prev, x0_prev2, noise)
     np.testing.assert_allclose(x0, want_x0, rtol=1e-6, atol=1e-6, equal_nan=True)
@@ -189,11 +200,32 @@ def test_the_kernels_arithmetic_is_the_contract_update(harness, tmp_path, row, c
         assert np.isnan(x_next[0]) == (a != 0 or (p != 0 and c != 0))
 
 
+@pytest.mark.parametrize("scale", [3.0, 0.5])
+@pytest.mark.parametrize(("row", "clip", "threshold"), CASES)
+def test_the_guided_kernel_is_guidance_then_the_update(harness, tmp_path, row, clip, threshold, scale):
+    """out_u + s·(out_c − out_u) (runtime.guidance.combine), then samplers.update, thresholding included."""
+    image_n = 333
+    n = IMAGES * image_n
+    x, out_c, x0_prev, x0_prev2, noise = _inputs(n, seed=7, finite=True)
+    out_u = np.random.default_rng(8).standard_normal(n, dtype=np.float32) * 3
+    coeffs = kernel_coefficients(_plan(row, clip, threshold), image_n, guidance_scale=scale)[0]
+    assert coeffs[12] == np.float32(scale)
+    x_next, x0 = _run_harness(harness, tmp_path, coeffs, image_n, x, out_c, x0_prev, x0_prev2, noise, out_u)
+
+    guided_out = combine(out_c, out_u, scale)
+    want_next, want_x0 = _numpy_update(row, clip, threshold, x, guided_out, x0_prev, x0_prev2, noise)
+    np.testing.assert_allclose(x0, want_x0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x_next, want_next, rtol=1e-5, atol=1e-4)
+    # guidance changed the result: the conditional output alone gives another update
+    plain_next, _ = _numpy_update(row, clip, threshold, x, out_c, x0_prev, x0_prev2, noise)
+    assert np.abs(x_next - plain_next).max() > 1e-2
+
+
 def test_kernel_coefficients_place_the_quantile_as_numpy_does():
     rows = kernel_coefficients(_plan(CASES[0][0], None, Threshold(0.995, 1.5)), 3 * 16 * 16)
     assert rows.shape == (1, COEFF_SLOTS) and rows.dtype == np.float32
     # numpy's linear quantile: position 0.995 · (768 − 1) = 763.165 between order statistics 763 and 764
-    np.testing.assert_allclose(rows[0, 8:], [0.0, 763.0, 0.165, 1.5], rtol=1e-4)
+    np.testing.assert_allclose(rows[0, 8:], [0.0, 763.0, 0.165, 1.5, 1.0], rtol=1e-4)  # s = 1: no guidance
     clipped = kernel_coefficients(_plan(CASES[0][0], 2.5, None), 10)[0]
     assert clipped[8] == 2.5 and clipped[9] == -1.0
 
@@ -278,6 +310,40 @@ def test_device_update_matches_numpy(session, row, clip, threshold):
     np.testing.assert_allclose(
         host["x"].array(np.float32, n), want_next, rtol=1e-5, atol=1e-4, equal_nan=True
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("row", "clip", "threshold"), [CASES[0], CASES[4], CASES[6]])
+def test_device_guided_update_matches_numpy(session, row, clip, threshold):
+    """The 2B layout of a guided chain: out holds [out_c, out_u], x_next goes to x and to its copy after."""
+    from dtk.runtime.backends.cuda import DeviceBuffer
+
+    kernel = _kernel(session)
+    image_n = 3 * 32 * 32 + 7
+    n = IMAGES * image_n
+    x, out_c, x0_prev, x0_prev2, noise = _inputs(n, seed=3, finite=True)
+    out_u = np.random.default_rng(4).standard_normal(n, dtype=np.float32)
+    device = {name: session.device_buffer(8 * n) for name in ("x", "out", "history")}
+    device |= {"noise": session.device_buffer(4 * n), "coeffs": session.device_buffer(4 * COEFF_SLOTS)}
+    host = {name: session.host_buffer(buffer.nbytes) for name, buffer in device.items()}
+    coeffs = kernel_coefficients(_plan(row, clip, threshold), image_n, guidance_scale=3.0)[0]
+    values = {"x": np.concatenate([x, x]), "out": np.concatenate([out_c, out_u]), "noise": noise}
+    _upload(
+        session, device, host, values | {"history": np.concatenate([x0_prev, x0_prev2]), "coeffs": coeffs}
+    )
+    second = [DeviceBuffer(device[name].ptr + 4 * n, 4 * n) for name in ("out", "x")]
+    kernel.launch(
+        device["x"], device["history"], device["out"], device["noise"], device["coeffs"], n, image_n, *second
+    )
+    session.download(host["x"], device["x"], 8 * n)
+    session.synchronize()
+
+    want_next, _ = _numpy_update(
+        row, clip, threshold, x, combine(out_c, out_u, 3.0), x0_prev, x0_prev2, noise
+    )
+    got = host["x"].array(np.float32, 2 * n)
+    np.testing.assert_allclose(got[:n], want_next, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(got[n:], got[:n])
 
 
 @pytest.mark.gpu
