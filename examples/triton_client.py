@@ -6,6 +6,7 @@ tritonclient[grpc] and dtk's core install (numpy, pillow) for the grid: no torch
     dtk serve bundle/ &
     python triton_client.py --url 127.0.0.1:8001 --num 16 --concurrency 16 --out grid.png
     python triton_client.py --sampler ddpm --steps 100 --seed 1000 --out ddpm.png
+    python triton_client.py --class 7 --guidance-scale 3 --out sevens.png    # a class-conditional bundle
 """
 
 from __future__ import annotations
@@ -21,8 +22,17 @@ import numpy as np
 MODEL = "dtk_sampler"
 
 
-def request_image(client, seed: int, steps: int | None = None, sampler: str | None = None, eta=None):
-    """One image, uint8 [H, W, C], for `seed`; settings left as None take the model's defaults."""
+def request_image(
+    client,
+    seed: int,
+    steps: int | None = None,
+    sampler: str | None = None,
+    eta=None,
+    label: str | None = None,
+    guidance_scale=None,
+):
+    """One image, uint8 [H, W, C], for `seed`; settings left as None take the model's defaults. `label`, a
+    class name or index (class-conditional bundles), travels as the request parameter `class`."""
     import tritonclient.grpc as grpcclient
 
     inputs = [_input(grpcclient, "seed", [seed], np.int64)]
@@ -30,9 +40,13 @@ def request_image(client, seed: int, steps: int | None = None, sampler: str | No
         inputs.append(_input(grpcclient, "steps", [steps], np.int32))
     if eta is not None:
         inputs.append(_input(grpcclient, "eta", [eta], np.float32))
-    parameters = {"sampler": sampler} if sampler is not None else None  # a string parameter, never a tensor
+    if guidance_scale is not None:
+        inputs.append(_input(grpcclient, "guidance_scale", [guidance_scale], np.float32))
+    parameters = {"sampler": sampler} if sampler is not None else {}  # string parameters, never tensors
+    if label is not None:
+        parameters["class"] = str(label)
     outputs = [grpcclient.InferRequestedOutput("image")]
-    result = client.infer(MODEL, inputs, outputs=outputs, parameters=parameters)
+    result = client.infer(MODEL, inputs, outputs=outputs, parameters=parameters or None)
     return result.as_numpy("image")[0]
 
 
@@ -74,6 +88,10 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--sampler", default=None, help="ddpm, ddim or dpmpp-2m (default: the model's)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM's eta (ddim only)")
+    parser.add_argument(
+        "--class", dest="label", default=None, help="class name or index (conditional bundles)"
+    )
+    parser.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
     parser.add_argument("--out", default="grid.png", help="PNG grid to write")
     args = parser.parse_args(argv)
 
@@ -85,7 +103,14 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         images, latencies = request_images(
-            args.url, seeds, args.concurrency, steps=args.steps, sampler=args.sampler, eta=args.eta
+            args.url,
+            seeds,
+            args.concurrency,
+            steps=args.steps,
+            sampler=args.sampler,
+            eta=args.eta,
+            label=args.label,
+            guidance_scale=args.guidance_scale,
         )
     except InferenceServerException as e:
         print(f"error: {args.url}: {e.message()}", file=sys.stderr)

@@ -113,8 +113,9 @@ def _bundle_files(bundle_dir: Path, manifest: Manifest) -> list[Path]:
 
 
 def sampler_config(manifest: Manifest, options: SamplerOptions) -> dict:
-    """`dtk_sampler`'s ModelConfig: seed INT64 [1], optional steps INT32 [1] and eta FP32 [1] → image UINT8
-    [H, W, C], batched up to the bundle's largest batch, with the defaults as string parameters."""
+    """`dtk_sampler`'s ModelConfig: seed INT64 [1], optional steps INT32 [1] and eta FP32 [1] (and for a
+    class-conditional bundle class_label INT64 [1] and guidance_scale FP32 [1]) → image UINT8 [H, W, C],
+    batched up to the bundle's largest batch, with the defaults as string parameters."""
     from dtk.runtime.samplers import make_plan
 
     if options.kind not in KINDS:
@@ -139,6 +140,7 @@ def sampler_config(manifest: Manifest, options: SamplerOptions) -> dict:
             {"name": "seed", "data_type": Enum("TYPE_INT64"), "dims": [1]},
             {"name": "steps", "data_type": Enum("TYPE_INT32"), "dims": [1], "optional": True},
             {"name": "eta", "data_type": Enum("TYPE_FP32"), "dims": [1], "optional": True},
+            *_class_inputs(manifest),
         ],
         "output": [
             {"name": "image", "data_type": Enum("TYPE_UINT8"), "dims": [height, width, manifest.in_channels]}
@@ -153,6 +155,17 @@ def sampler_config(manifest: Manifest, options: SamplerOptions) -> dict:
             for key, value in parameters.items()
         ],
     }
+
+
+def _class_inputs(manifest: Manifest) -> list[dict]:
+    """A class-conditional bundle's optional inputs: `class_label` INT64 [1] (absent: the null class) and
+    `guidance_scale` FP32 [1] (absent: 1, no guidance); an unconditional bundle takes neither."""
+    if manifest.classes is None:
+        return []
+    return [
+        {"name": "class_label", "data_type": Enum("TYPE_INT64"), "dims": [1], "optional": True},
+        {"name": "guidance_scale", "data_type": Enum("TYPE_FP32"), "dims": [1], "optional": True},
+    ]
 
 
 def triton_config(manifest: Manifest, options: TritonOptions, model: str = "onnx") -> dict:

@@ -2,13 +2,15 @@
 
 Copied into a repository as `dtk_sampler/1/model.py` (`dtk.export.triton.write_sampler_model`); it runs
 inside Triton's Python stub, never imported by dtk itself. One `execute` gets the requests of one dynamic
-batch; those that share (sampler, steps, eta) run as one batched `Pipeline.sample(seeds=...)`, so each step
-is one denoiser call for all of them, and each image is exactly what `sample(num=1, seed=seed)` makes.
+batch; those that share (sampler, steps, eta, guidance scale) run as one batched `Pipeline.sample(seeds=...)`,
+so each step is one denoiser call for all of them, and each image is exactly what `sample(num=1, seed=seed)`
+makes (with `labels=[label], guidance_scale=s` for a class-conditional bundle; labels differ per image).
 
 Contract (docs/serving.md): input `seed` INT64 [1], optional `steps` INT32 [1] and `eta` FP32 [1], request
 parameter `sampler` (a string: strings never travel as TYPE_STRING tensors, which crash the stub of Triton
-2.51 under numpy 2) → output `image` UINT8 [H, W, C]. A bad request gets its own error response; the rest
-of the batch is answered.
+2.51 under numpy 2) → output `image` UINT8 [H, W, C]. A class-conditional bundle also takes `class_label`
+INT64 [1] (or the request parameter `class`, a class name) and `guidance_scale` FP32 [1]. A bad request gets
+its own error response; the rest of the batch is answered.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dtk.runtime.pipeline import Pipeline, choose_backend
 # Triton 2.51's Python backend predates numpy 2: as_numpy() misreads and Tensor(name, array) writes an empty
 # buffer there, while DLPack works. Under numpy 1 the classic calls work and from_dlpack crashes the stub.
 NUMPY2 = int(np.__version__.split(".")[0]) >= 2
-PARAMETERS = ("sampler",)
+PARAMETERS = ("sampler", "class")
 # request parameters of Triton's protocol that clients may send along (tritonclient.http sends the first)
 PROTOCOL_PARAMETERS = (
     "binary_data_output",
@@ -62,35 +64,36 @@ class TritonPythonModel:
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        groups: dict[tuple, list[tuple[int, list[int]]]] = {}
+        read = []
         for index, request in enumerate(requests):
             try:
-                seeds, settings = self._read(request)
+                read.append((index, *self._read(request)))
             except (RequestError, DtkError) as e:
                 responses[index] = _error(str(e))
-                continue
-            groups.setdefault(settings, []).append((index, seeds))
-        for (sampler, steps, eta), members in groups.items():
-            seeds = [seed for _, request_seeds in members for seed in request_seeds]
+        for (sampler, steps, eta, scale), members, labels in sampling_runs(read):
+            seeds = [seed for _, request_seeds, _ in members for seed in request_seeds]
             try:
-                images = self.pipe.sample(steps=steps, sampler=sampler, eta=eta, seeds=seeds)
+                images = self.pipe.sample(
+                    steps=steps, sampler=sampler, eta=eta, seeds=seeds, labels=labels, guidance_scale=scale
+                )
             except Exception as e:  # a failed run answers its requests; the model stays up for the next batch
-                for index, _ in members:
+                for index, _, _ in members:
                     responses[index] = _error(f"sampling failed: {e}")
                 continue
             first = 0
-            for index, request_seeds in members:
+            for index, request_seeds, _ in members:
                 image = np.ascontiguousarray(images[first : first + len(request_seeds)])
                 responses[index] = pb_utils.InferenceResponse(output_tensors=[_tensor("image", image)])
                 first += len(request_seeds)
         return responses
 
-    def _read(self, request) -> tuple[list[int], tuple[str, int, float]]:
-        """→ (the request's seeds, its (sampler, steps, eta)), checked against the bundle's schedule."""
+    def _read(self, request) -> tuple[tuple[str, int, float, float], list[int], list[int] | None]:
+        """→ (its (sampler, steps, eta, guidance scale), the request's seeds, their class labels or None for
+        the null class), checked against the bundle's schedule and classes."""
         params = json.loads(request.parameters() or "{}")
         unknown = sorted(set(params) - set(PARAMETERS) - set(PROTOCOL_PARAMETERS))
         if unknown:
-            raise RequestError(f"unknown request parameter {unknown[0]!r}; the only one is 'sampler'")
+            raise RequestError(f"unknown request parameter {unknown[0]!r}; known: 'sampler' and 'class'")
         sampler = params.get("sampler", self.default_sampler)
         if not isinstance(sampler, str):
             raise RequestError(f"the sampler parameter must be a string, got {sampler!r}")
@@ -105,10 +108,45 @@ class TritonPythonModel:
             raise RequestError(f"eta applies to the ddim sampler only; leave it out for {sampler}")
         eta = 0.0 if eta is None else float(eta)
         self.pipe.plan(sampler, int(steps), eta)  # refuses an unknown sampler and steps off the schedule
-        return [int(s) for s in seed.reshape(-1)], (sampler, int(steps), eta)
+        seeds = [int(s) for s in seed.reshape(-1)]
+        labels, scale = self._classes(request, params, len(seeds))
+        return (sampler, int(steps), eta, scale), seeds, labels
+
+    def _classes(self, request, params: dict, rows: int) -> tuple[list[int] | None, float]:
+        """The request's labels (one per row; None: the null class) and guidance scale, checked against the
+        bundle's classes exactly as `Pipeline.sample` checks them."""
+        from dtk.runtime.guidance import sampling_labels
+
+        labels = _input(request, "class_label", np.int64)
+        name = params.get("class")
+        if name is not None and not isinstance(name, str):
+            raise RequestError(f"the class parameter must be a string (a class name), got {name!r}")
+        if name is not None and labels is not None:
+            raise RequestError("give the class as input 'class_label' or as parameter 'class', not both")
+        if labels is not None:
+            labels = [int(label) for label in labels.reshape(-1)]  # Triton checks: one per row of seed
+        elif name is not None:
+            labels = name
+        scale = _setting(request, "guidance_scale", np.float32, 1.0)
+        resolved = sampling_labels(self.pipe.manifest.classes, labels, scale, rows, "dtk_sampler")
+        return (None if labels is None else resolved.tolist()), float(scale)
 
     def finalize(self):
         self.pipe.close()
+
+
+def sampling_runs(read):
+    """Requests `(index, settings, seeds, labels)` → `(settings, members, labels)` sampling runs, members
+    `(index, seeds, labels)` in request order: one run per settings for the labelled requests (their labels
+    concatenated, one per image) and one for those without labels (the null class, `labels=None`), since
+    `Pipeline.sample` takes either a label for every image or none."""
+    runs: dict[tuple, list] = {}
+    for index, settings, seeds, labels in read:
+        runs.setdefault((settings, labels is not None), []).append((index, seeds, labels))
+    return [
+        (settings, members, [label for *_, labels in members for label in labels] if labelled else None)
+        for (settings, labelled), members in runs.items()
+    ]
 
 
 def _input(request, name: str, dtype) -> np.ndarray | None:

@@ -169,7 +169,7 @@ def test_refuses_to_replace_a_directory_that_is_not_a_bundle(tiny_checkpoint, tm
 @pytest.mark.parametrize(
     "options, problem",
     [
-        (ExportOptions(precision="int8"), "unknown precision"),
+        (ExportOptions(precision="int4"), "unknown precision"),
         (ExportOptions(batch=(4, 2, 8)), "min <= opt <= max"),
         (ExportOptions(batch=0), "min <= opt <= max"),
         (ExportOptions(opset=16), "opset 16 is too old"),

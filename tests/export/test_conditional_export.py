@@ -12,47 +12,6 @@ import pytest
 from dtk.runtime.errors import DtkError
 
 
-@pytest.fixture(scope="module")
-def conditional_checkpoint(tmp_path_factory):
-    """A random class-conditional U-Net on 1×8×8 (3 classes + null), saved as a dtk checkpoint."""
-    import torch
-
-    from dtk.checkpoint import Checkpoint, save_checkpoint
-    from dtk.runtime.schedule import DiffusionConfig
-    from dtk.unet import UNet, UNetConfig
-
-    torch.manual_seed(0)
-    config = UNetConfig.preset(
-        "tiny",
-        image_size=8,
-        in_channels=1,
-        out_channels=1,
-        base_channels=8,
-        channel_mults=(1, 2),
-        num_class_embeds=4,
-    )
-    model = UNet(config)
-    with torch.no_grad():  # give the zero-initialised layers weights, so labels change the output
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.05)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    classes = {"num_classes": 3, "names": ["circle", "square", "triangle"], "null_class": 3}
-    ckpt = Checkpoint(config, DiffusionConfig(), state, state, 0, None, classes=classes)
-    path = tmp_path_factory.mktemp("conditional") / "model.pt"
-    save_checkpoint(path, ckpt)
-    return path
-
-
-@pytest.fixture(scope="module")
-def conditional_bundle(conditional_checkpoint, tmp_path_factory):
-    from dtk.export.bundle import ExportOptions, export_bundle
-
-    out = tmp_path_factory.mktemp("conditional-bundle") / "bundle"
-    export_bundle(conditional_checkpoint, out, ExportOptions(batch=(1, 2, 8), chain_steps=5), progress=False)
-    return out
-
-
 def test_the_graph_takes_class_labels_and_parity_covers_both_halves(conditional_bundle):
     data = json.loads((conditional_bundle / "dtk.json").read_text())
     assert data["classes"] == {"num_classes": 3, "names": ["circle", "square", "triangle"], "null_class": 3}

@@ -178,6 +178,57 @@ def test_sampler_config(tiny_bundle):
     assert parsed.dynamic_batching.max_queue_delay_microseconds == 2000
 
 
+def test_a_conditional_sampler_takes_labels_and_the_scale(tiny_bundle):
+    manifest = load_manifest(tiny_bundle)
+    classes = {"num_classes": 3, "names": ["a", "b", "c"], "null_class": 3}
+    config = sampler_config(dataclasses.replace(manifest, classes=classes), SamplerOptions())
+    assert config["input"][3:] == [
+        {"name": "class_label", "data_type": "TYPE_INT64", "dims": [1], "optional": True},
+        {"name": "guidance_scale", "data_type": "TYPE_FP32", "dims": [1], "optional": True},
+    ]
+    parsed = parse(render_pbtxt(config))
+    assert [(i.name, i.data_type, list(i.dims), i.optional) for i in parsed.input][3:] == [
+        ("class_label", 9, [1], True),
+        ("guidance_scale", 11, [1], True),
+    ]
+    unconditional = sampler_config(manifest, SamplerOptions())
+    assert [i["name"] for i in unconditional["input"]] == ["seed", "steps", "eta"]  # as before
+
+
+def sampler_model(monkeypatch):
+    """model.py of `dtk_sampler`, imported outside Triton: the grouping helpers need no pb_utils."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("pb_utils"))
+    spec = importlib.util.spec_from_file_location("dtk_tests_triton_sampler_model", SAMPLER_SOURCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_requests_group_by_settings_with_labels_per_image(monkeypatch):
+    """(sampler, steps, eta, scale) make a run; labels differ inside it (one per image, concatenated); the
+    requests without labels (the null class) run on their own, as `Pipeline.sample` takes all or none."""
+    sampling_runs = sampler_model(monkeypatch).sampling_runs
+    guided, plain = ("ddim", 4, 0.0, 3.0), ("ddim", 4, 0.0, 1.0)
+    read = [
+        (0, guided, [1, 2], [0, 2]),
+        (1, plain, [3], None),
+        (2, guided, [4], None),
+        (3, guided, [5], [1]),
+        (4, plain, [6], [2]),
+        (5, plain, [7], None),
+    ]
+    assert sampling_runs(read) == [
+        (guided, [(0, [1, 2], [0, 2]), (3, [5], [1])], [0, 2, 1]),
+        (plain, [(1, [3], None), (5, [7], None)], None),
+        (guided, [(2, [4], None)], None),
+        (plain, [(4, [6], [2])], [2]),
+    ]
+    assert sampling_runs([]) == []
+
+
 def test_sampler_defaults_are_checked(tiny_bundle):
     manifest = load_manifest(tiny_bundle)
     with pytest.raises(DtkError, match="steps must be between 1 and num_train_timesteps"):

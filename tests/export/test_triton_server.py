@@ -226,6 +226,13 @@ def bad_requests():
             "differs between the rows of one request",
         ),
         ("unknown parameter", {"seed": seed}, {"sampler": "ddim", "step": "5"}, "unknown request parameter"),
+        ("class on an unconditional model", {"seed": seed}, {"class": "1"}, "this model is unconditional"),
+        (
+            "guidance on an unconditional model",
+            {"seed": seed, "guidance_scale": (np.array([[3.0]], dtype=np.float32), "FP32")},
+            None,
+            "unexpected inference input 'guidance_scale'",
+        ),
         (
             "batch over max_batch_size",
             {"seed": (np.arange(MAX_BATCH + 1, dtype=np.int64).reshape(-1, 1), "INT64")},

@@ -67,7 +67,7 @@ def test_broken_sidecars_are_refused(tmp_path, content, problem):
 
 def test_bad_field_values_are_refused(tmp_path):
     for change, problem in (
-        ({"precision": "int8"}, "unknown precision"),
+        ({"precision": "int4"}, "unknown precision"),
         ({"hardware_compat": "all"}, "unknown"),
     ):
         data = {**_sidecar().to_dict(), **change}
