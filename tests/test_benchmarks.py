@@ -291,8 +291,10 @@ def test_footprint_times_the_generic_update_as_the_loop_ran_before(monkeypatch):
     before = sample_loop(denoise, start, plan, None)
     np.testing.assert_array_equal(before, x)  # "before" is the generic update, bit for bit
     np.testing.assert_allclose(in_place, x, rtol=1e-6, atol=1e-6)  # ddim fuses: float32 rounding only
-    times = {"bare": [1.0, 2.0], "sample": [1.02, 2.02], "loop": [0.5, 0.4]}
+    times = {"bare": [1.0, 2.0], "sample": [1.02, 2.02], "inside": [1.0, 1.98], "loop": [0.5, 0.4]}
     summary = footprint.summarise_overhead(times, 50, "")
-    assert summary["overhead_pct"] == pytest.approx(1.5)  # median of +2 % and +1 %
+    assert summary["overhead_pct"] == pytest.approx((0.02 + 2.02 / 1.98 - 1) / 2 * 100)  # split
+    assert summary["denoiser_ms"] == pytest.approx(1490.0)
+    assert summary["overhead_vs_bare_pct"] == pytest.approx(1.5)  # median of +2 % and +1 %
     assert summary["overhead_of_minima_pct"] == pytest.approx(2.0)
     assert summary["loop_us_per_step"] == pytest.approx(0.4 / 50 * 1e6)

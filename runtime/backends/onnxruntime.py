@@ -259,7 +259,7 @@ class OnnxRuntimeDenoiser(DenoiserBase):
         update.bind_ortvalue_input("noise", step_noise)  # left stale where e == 0: e * noise is then 0
         for name, value in zip(("clip_min", "clip_max"), bounds, strict=True):
             update.bind_ortvalue_input(name, value)
-        needs_noise = plan.needs_noise.tolist()  # a property computed from coeffs: once, not per step
+        needs_noise = plan.needs_noise.tolist()  # plain Python values for the per-step test
         for i, t in enumerate(plan.timesteps.tolist()):
             current, following = i % 2, (i + 1) % 2
             unet.bind_ortvalue_input(self.sample_name, xs[current])

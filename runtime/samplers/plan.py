@@ -24,6 +24,7 @@ torch tensors and device buffers; the TensorRT path evaluates exactly this formu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -72,15 +73,25 @@ class SamplerPlan:
     def steps(self) -> int:
         return len(self.timesteps)
 
-    @property
+    @cached_property
     def needs_noise(self) -> np.ndarray:
-        """bool [S]: the steps that add fresh Gaussian noise (and so consume one draw per image)."""
-        return self.coeffs[:, NOISE] != 0
+        """bool [S], read-only: the steps that add fresh Gaussian noise (each takes one draw per image)."""
+        needs = self.coeffs[:, NOISE] != 0
+        needs.flags.writeable = False
+        return needs
 
-    @property
+    @cached_property
     def history(self) -> int:
         """How many past x0 the update reads: 1, or 2 where d2 is used."""
         return 2 if np.any(self.coeffs[:, 7] != 0) else 1
+
+    def derived(self, key, make):
+        """`make(self)`, computed once per plan and key and kept with it: what a loop compiles from the plan
+        (samplers/host.py's steps) is then paid once per plan, not once per run."""
+        cache = self.__dict__.setdefault("_derived", {})  # a frozen dataclass: its __dict__ is still open
+        if key not in cache:
+            cache[key] = make(self)
+        return cache[key]
 
 
 def update(row, x, out, x0_prev, noise, clip, x0_prev2=None, threshold: Threshold | None = None):

@@ -85,3 +85,14 @@ def test_other_arrays_take_the_generic_update():
     host = sample_loop(denoise, start.copy(), plan, None)
     reference = sample_loop(denoise, torch.from_numpy(start.copy()), plan, None)
     np.testing.assert_allclose(reference.numpy(), host, rtol=0, atol=2e-6)
+
+
+def test_a_plan_compiles_its_host_steps_once_per_dtype():
+    plan = make_plan("dpmpp-2m", CONFIGS["clip"], 6)
+    x = np.zeros((2, *SHAPE), dtype=np.float32)
+    first, again = HostUpdate(plan, x), HostUpdate(plan, x.copy())
+    assert again.programs is first.programs  # kept with the plan: a run pays nothing to compile
+    double = HostUpdate(plan, x.astype(np.float64))
+    assert double.programs is not first.programs
+    assert all(c.dtype == np.float64 for _, terms in double.programs for _, c in terms)
+    assert plan.needs_noise is plan.needs_noise and not plan.needs_noise.flags.writeable

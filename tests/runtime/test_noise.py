@@ -113,3 +113,28 @@ def test_per_image_seeds_draw_what_each_seed_gives_alone():
         NoiseSource.per_image(seeds).initial(3, SHAPE)
     with pytest.raises(ValueError, match="non-negative"):
         NoiseSource.per_image([1, -2])
+
+
+def test_a_stepper_told_the_count_draws_exactly_that_and_the_same_numbers(monkeypatch):
+    from dtk.runtime.samplers import noise as noise_module
+
+    shape = (1, 4, 4)
+    told, per_step = noise_module.NoiseSource(seed=3), noise_module.NoiseSource(seed=3)
+    assert np.array_equal(told.initial(2, shape), per_step.initial(2, shape))
+    noise = told.stepper(2, shape, steps=5)
+    drawn = [noise(i).copy() for i in range(5)]
+    assert told._block.shape == (5, 2, *shape)  # one block of the five steps asked for, nothing past them
+    drawn.append(noise(5))  # one more than told: drawn then, still the stream's next numbers
+    for got in drawn:
+        np.testing.assert_array_equal(got, per_step.step(2, shape))
+    monkeypatch.setattr(noise_module, "BLOCK_BYTES", 2 * 4 * 16 * 2)  # two steps of two images fit
+    small = noise_module.NoiseSource(seed=3)
+    small.initial(2, shape)
+    noise = small.stepper(2, shape, steps=5)
+    for want in drawn:
+        np.testing.assert_array_equal(noise(None), want)
+        assert len(small._block) <= 2
+    with pytest.raises(RuntimeError, match="same images only"):
+        small.stepper(3, shape)
+    with pytest.raises(RuntimeError, match="shape"):
+        small.stepper(2, (1, 2, 8))
