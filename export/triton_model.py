@@ -4,7 +4,8 @@ Copied into a repository as `dtk_sampler/1/model.py` (`dtk.export.triton.write_s
 inside Triton's Python stub, never imported by dtk itself. One `execute` gets the requests of one dynamic
 batch; those that share (sampler, steps, eta, guidance scale) run as one batched `Pipeline.sample(seeds=...)`,
 so each step is one denoiser call for all of them, and each image is exactly what `sample(num=1, seed=seed)`
-makes (with `labels=[label], guidance_scale=s` for a class-conditional bundle; labels differ per image).
+makes (with `labels=[label], guidance_scale=s` for a class-conditional bundle; labels differ per image, and a
+request without a label takes a None entry, the null class).
 
 Contract (docs/serving.md): input `seed` INT64 [1], optional `steps` INT32 [1] and `eta` FP32 [1], request
 parameter `sampler` (a string: strings never travel as TYPE_STRING tensors, which crash the stub of Triton
@@ -136,17 +137,25 @@ class TritonPythonModel:
 
 
 def sampling_runs(read):
-    """Requests `(index, settings, seeds, labels)` → `(settings, members, labels)` sampling runs, members
-    `(index, seeds, labels)` in request order: one run per settings for the labelled requests (their labels
-    concatenated, one per image) and one for those without labels (the null class, `labels=None`), since
-    `Pipeline.sample` takes either a label for every image or none."""
+    """Requests `(index, settings, seeds, labels)` → one `(settings, members, labels)` sampling run per
+    settings, members `(index, seeds, labels)` in request order. The run's labels are one per image, its
+    requests' concatenated, a request without labels giving None entries (the null class: under guidance
+    its unconditional sample, exactly as alone); None when no request of the run has labels (so an
+    unconditional bundle gets none)."""
     runs: dict[tuple, list] = {}
     for index, settings, seeds, labels in read:
-        runs.setdefault((settings, labels is not None), []).append((index, seeds, labels))
-    return [
-        (settings, members, [label for *_, labels in members for label in labels] if labelled else None)
-        for (settings, labelled), members in runs.items()
-    ]
+        runs.setdefault(settings, []).append((index, seeds, labels))
+    return [(settings, members, _run_labels(members)) for settings, members in runs.items()]
+
+
+def _run_labels(members) -> list | None:
+    """One label per image of the run (None: no class), or None when none of its requests has labels."""
+    if all(labels is None for _, _, labels in members):
+        return None
+    run = []
+    for _, seeds, labels in members:
+        run += [None] * len(seeds) if labels is None else labels
+    return run
 
 
 def _input(request, name: str, dtype) -> np.ndarray | None:

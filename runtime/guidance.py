@@ -42,8 +42,13 @@ def check_classes(classes: dict) -> dict:
 
 
 def class_index(label, classes: dict) -> int:
-    """One label → its class index: an int, a class name, or the text of an index ("7")."""
+    """One label → its class index: an int, a class name, the text of an index ("7"), or None (no class:
+    the model's null class)."""
     count, names = classes["num_classes"], classes.get("names") or []
+    if label is None:
+        if classes.get("null_class") is None:
+            raise DtkError("this model has no null class, so every image needs a class label (got None)")
+        return classes["null_class"]
     if isinstance(label, str):
         if label in names:
             return names.index(label)
@@ -59,8 +64,9 @@ def class_index(label, classes: dict) -> int:
 
 
 def resolve_labels(labels, classes: dict | None, num: int) -> np.ndarray:
-    """int64 [num] from one label (every image gets it), a list of `num` labels, or "all" (an equal share of
-    `num` per class, a grid row each; `num` must be a multiple of the class count)."""
+    """int64 [num] from one label (every image gets it), a list of `num` labels (a None entry: that image has
+    no class, the null class), or "all" (an equal share of `num` per class, a grid row each; `num` must be a
+    multiple of the class count)."""
     if classes is None:
         raise DtkError("this model is unconditional: it takes no class labels")
     if isinstance(labels, str) and labels == ALL_CLASSES:
@@ -92,8 +98,9 @@ def check_scale(guidance_scale, classes: dict | None) -> float:
 
 
 def sampling_labels(classes: dict | None, labels, guidance_scale, num: int, where) -> np.ndarray | None:
-    """The checked int64 [num] labels a sampling run uses for a model with `classes` (None labels: the null
-    class), or None for an unconditional model sampled without labels. `where` names the model in errors."""
+    """The checked int64 [num] labels a sampling run uses for a model with `classes` (None labels, or a None
+    entry for one image: the null class), or None for an unconditional model sampled without labels. `where`
+    names the model in errors."""
     check_scale(guidance_scale, classes)
     if classes is None:
         return resolve_labels(labels, classes, num) if labels is not None else None
@@ -128,7 +135,9 @@ def guided(
     """`denoise(x, t, labels) → out` turned into the sampler's `(x, t) → out` for these labels at scale s.
 
     The conditional and unconditional halves run as one call on 2B images when 2B ≤ `max_batch`, else as
-    two calls. `labels` and `concat` are of the array type of x (numpy, or torch with `torch.cat`)."""
+    two calls. An image labelled with the null class gets out_u + s·(out_u − out_u) = out_u, its unconditional
+    sample, so one run mixes labelled and unlabelled images. `labels` and `concat` are of the array type of x
+    (numpy, or torch with `torch.cat`)."""
     if scale == 1.0:
         return lambda x, t: denoise(x, t, labels)
     null = labels * 0 + null_class

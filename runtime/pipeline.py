@@ -108,8 +108,10 @@ class Pipeline:
         every step.
 
         A class-conditional bundle takes `labels`: one label for every image (an index, its text "7" or a
-        class name), one per image, or "all" (a row per class); None samples the null class. With
-        `guidance_scale` s ≠ 1, classifier-free guidance (`dtk.runtime.guidance`)."""
+        class name), one per image (a None entry: no class for that image, the null class), or "all" (a row
+        per class); None samples the null class. With `guidance_scale` s ≠ 1, classifier-free guidance
+        (`dtk.runtime.guidance`); an image without a class is then the unconditional sample, exactly as in a
+        run of its own, so one call may mix labelled and unlabelled images."""
         from dtk.runtime.guidance import sampling_labels
         from dtk.runtime.samplers import NoiseSource, sample_loop
 

@@ -65,6 +65,26 @@ def test_guided_runtime_samples_match_pytorch(conditional_bundle, conditional_ch
     np.testing.assert_allclose(null, unconditional, atol=1e-4)
 
 
+def test_one_guided_run_mixes_images_without_a_class(conditional_bundle, conditional_checkpoint):
+    """labels=[0, None, 2, None] in one run (8 images per network call) gives, byte for byte, the images of a
+    labelled run and of an unlabelled one (4 per call) for the same seeds; PyTorch's reference agrees."""
+    from dtk.reference import sample_checkpoint
+    from dtk.runtime import Pipeline
+
+    kwargs = dict(steps=4, sampler="ddim", guidance_scale=3.0)
+    with Pipeline.load(conditional_bundle, providers=["cpu"], threads=1) as pipeline:
+        mixed = pipeline.sample(seeds=[10, 11, 12, 13], labels=[0, None, "triangle", None], **kwargs)
+        labelled = pipeline.sample(seeds=[10, 12], labels=[0, 2], **kwargs)
+        unlabelled = pipeline.sample(seeds=[11, 13], **kwargs)
+        latents = pipeline.sample_latents(num=2, seed=4, labels=[None, 1], **kwargs)
+    assert mixed[[0, 2]].tobytes() == labelled.tobytes()
+    assert mixed[[1, 3]].tobytes() == unlabelled.tobytes()
+    reference = sample_checkpoint(
+        conditional_checkpoint, num=2, seed=4, labels=[None, 1], device="cpu", progress=False, **kwargs
+    )
+    np.testing.assert_allclose(latents, reference, atol=1e-4)
+
+
 def test_a_diffusers_unet_with_num_class_embeds_exports(tmp_path, small_unet2d):
     import torch
 

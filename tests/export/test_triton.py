@@ -208,8 +208,9 @@ def sampler_model(monkeypatch):
 
 
 def test_requests_group_by_settings_with_labels_per_image(monkeypatch):
-    """(sampler, steps, eta, scale) make a run; labels differ inside it (one per image, concatenated); the
-    requests without labels (the null class) run on their own, as `Pipeline.sample` takes all or none."""
+    """(sampler, steps, eta, scale) make one run; labels differ inside it (one per image, concatenated), a
+    request without labels giving None entries (the null class); a run of unlabelled requests only (an
+    unconditional bundle's) passes labels=None."""
     sampling_runs = sampler_model(monkeypatch).sampling_runs
     guided, plain = ("ddim", 4, 0.0, 3.0), ("ddim", 4, 0.0, 1.0)
     read = [
@@ -221,10 +222,13 @@ def test_requests_group_by_settings_with_labels_per_image(monkeypatch):
         (5, plain, [7], None),
     ]
     assert sampling_runs(read) == [
-        (guided, [(0, [1, 2], [0, 2]), (3, [5], [1])], [0, 2, 1]),
-        (plain, [(1, [3], None), (5, [7], None)], None),
-        (guided, [(2, [4], None)], None),
-        (plain, [(4, [6], [2])], [2]),
+        (guided, [(0, [1, 2], [0, 2]), (2, [4], None), (3, [5], [1])], [0, 2, None, 1]),
+        (plain, [(1, [3], None), (4, [6], [2]), (5, [7], None)], [None, 2, None]),
+    ]
+    unconditional = [(0, plain, [1, 2], None), (1, guided, [3], None), (2, plain, [4], None)]
+    assert sampling_runs(unconditional) == [
+        (plain, [(0, [1, 2], None), (2, [4], None)], None),
+        (guided, [(1, [3], None)], None),
     ]
     assert sampling_runs([]) == []
 

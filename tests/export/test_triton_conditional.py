@@ -112,7 +112,8 @@ def test_labels_names_and_guidance_give_the_local_images(client, local):
 
 
 def test_concurrent_labels_and_scales_share_runs(server, local):
-    """Many labels and two scales at once: runs group by scale, labels vary inside one, every image right."""
+    """Many labels, requests without one, and two scales at once: runs group by scale only, the labels vary
+    inside a run (the null class for a request without one), and every image is the one it gets alone."""
     jobs = [(400 + k, [k % 3, None][k % 4 == 3], [1.0, 3.0][k % 2]) for k in range(16)]
     start = threading.Barrier(len(jobs))
 

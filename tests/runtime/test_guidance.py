@@ -1,5 +1,6 @@
 """Classifier-free guidance and class labels in the runtime: the combination against a hand computation of
-the two calls, the 2B batching against two separate calls, label resolution and its errors."""
+the two calls, the 2B batching against two separate calls, images without a class mixed into a guided run,
+label resolution and its errors."""
 
 from __future__ import annotations
 
@@ -117,6 +118,25 @@ def test_scale_one_is_the_conditional_model_and_zero_the_unconditional(manifest)
     assert not np.allclose(conditional, unconditional)
 
 
+@pytest.mark.parametrize("high", [8, 4], ids=["one call on 2B", "two calls"])
+def test_one_run_mixes_images_with_and_without_a_class(manifest, high):
+    """A None label is the null class: under guidance out_u + s·(out_u − out_u) = out_u, the unconditional
+    sample, byte for byte what a separate run without labels makes for the same seed."""
+    mixed = pipeline(manifest, 1, high)
+    kwargs = dict(steps=4, sampler="ddpm", guidance_scale=3.0)
+    together = mixed.sample_latents(seeds=[5, 6, 7], labels=[1, None, "triangle"], **kwargs)
+    if high == 8:  # one call per step: the requested labels (the null class for None), then the null class
+        assert mixed.denoiser.calls == [(6, [1, 3, 2, 3, 3, 3])] * 4
+    else:
+        assert mixed.denoiser.calls[:2] == [(3, [1, 3, 2]), (3, [3, 3, 3])]
+    labelled = pipeline(manifest, 1, high).sample_latents(seeds=[5, 7], labels=[1, 2], **kwargs)
+    unlabelled = pipeline(manifest, 1, high).sample_latents(seeds=[6], **kwargs)
+    assert together[[0, 2]].tobytes() == labelled.tobytes()
+    assert together[1].tobytes() == unlabelled[0].tobytes()
+    with_a_class = pipeline(manifest, 1, high).sample_latents(seeds=[6], labels=[0], **kwargs)
+    assert not np.allclose(together[1], with_a_class[0])  # None is not some class: it is "no class"
+
+
 def test_chunks_keep_each_images_label(manifest):
     whole = pipeline(manifest, 1, 8).sample_latents(
         num=5, steps=3, seed=4, labels=[0, 1, 2, 0, 1], guidance_scale=2
@@ -148,6 +168,10 @@ def test_labels_resolve_from_indices_texts_names_and_all():
     assert resolve_labels("all", CLASSES, 6).tolist() == [0, 0, 1, 1, 2, 2]
     assert resolve_labels("all", CLASSES, 6).dtype == np.int64
     assert sampling_labels(CLASSES, None, 1.0, 2, "b").tolist() == [3, 3]
+    # None: no class for that image, the null class (its index itself is not a class label)
+    assert resolve_labels([0, None, "triangle"], CLASSES, 3).tolist() == [0, 3, 2]
+    assert sampling_labels(CLASSES, [None, "1"], 2.0, 2, "b").tolist() == [3, 1]
+    assert resolve_labels(np.array([None, 2], dtype=object), CLASSES, 2).tolist() == [3, 2]
 
 
 @pytest.mark.parametrize(
@@ -159,6 +183,7 @@ def test_labels_resolve_from_indices_texts_names_and_all():
         ([0, 1], 3, r"2 labels for 3 images"),
         ("all", 4, r'class "all" needs a multiple of 3 images'),
         (1.5, 1, r"a class label is an integer or a class name"),
+        ([3], 1, r"class 3 is out of range: this model has classes 0\.\.2"),  # the null class's index
     ],
 )
 def test_bad_labels_get_one_line(labels, num, message):
@@ -178,6 +203,13 @@ def test_guidance_needs_a_conditional_model_with_a_null_class(manifest):
         sampling_labels(no_null, 1, 2.0, 1, "bundle")
     with pytest.raises(DtkError, match="this model has no null class; pass class labels"):
         sampling_labels(no_null, None, 1.0, 1, "bundle")
+    no_null_pipe = Pipeline(
+        dataclasses.replace(conditional_manifest(manifest, 1, 4), classes=no_null), LabelDenoiser((1, 4))
+    )
+    with pytest.raises(DtkError) as error:  # one image without a class, on a model that has no "no class"
+        no_null_pipe.sample_latents(seeds=[1, 2], steps=2, labels=[1, None])
+    assert str(error.value) == "this model has no null class, so every image needs a class label (got None)"
+    assert no_null_pipe.denoiser.calls == []  # refused before any network call
     with pytest.raises(DtkError, match="guidance scale must be a finite number ≥ 0"):
         sampling_labels(CLASSES, 1, -1.0, 1, "bundle")
 
