@@ -158,6 +158,12 @@ def test_backends_markdown_names_the_machine_and_the_speedup():
     text = backends.markdown(data)
     assert "| onnxruntime | 1 | fp32 | 250.0 | 200.0 | 1.25 |" in text  # 1 GFLOP in 4 ms against 200 GOP/s
     assert "| onnxruntime | 1 | int8 | 100.0 | 400.0 | 0.25 |" in text  # int8 against the int8 GEMM peak
+    naive = {**int8, "precision": "int8-naive", "latency_ms": {**record["latency_ms"], "p50": 5.0}}
+    data["presets"]["tiny"]["batches"][0]["results"].append(naive)
+    assert "| onnxruntime | 1 | int8-naive | 200.0 | 400.0 | 0.50 |" in backends.markdown(data)
+    assert backends.has_bf16({"cpu": {"features": ["avx2", "avx512_bf16"]}})
+    assert not backends.has_bf16({"cpu": {"features": ["avx2", "fma"]}})
+    assert not backends.has_bf16({"cpu": {}})
 
 
 def test_serve_summary_goals_and_table():
