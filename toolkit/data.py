@@ -8,6 +8,7 @@ for PNG/JPEG files; each image is decoded to 8 bits (dtk.decode: 16-bit scaled, 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,12 @@ class ImageSet:
     @property
     def image_size(self) -> int:
         return self.images.shape[-1]
+
+
+def dataset_reference(name: str) -> str:
+    """What a run records as its dataset: a built-in's name as it is, a folder as an absolute path, so the
+    run resumes (and its settings compare) from any working directory."""
+    return name if name in BUILTINS else os.path.abspath(name)
 
 
 def load_dataset(name: str, image_size: int, channels: int | None = None, progress: bool = False) -> ImageSet:

@@ -8,6 +8,7 @@ stopped: on CPU a resumed run ends with the same weights as an uninterrupted one
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from dtk import distributed
 from dtk.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from dtk.data import BatchStream, ImageSet, load_dataset, mix_seed
+from dtk.data import BatchStream, ImageSet, dataset_reference, load_dataset, mix_seed
 from dtk.diffusion import NoiseSchedule, diffusion_loss
 from dtk.ema import EMA
 from dtk.labels import conditional_setup
@@ -275,10 +276,14 @@ class Trainer:
         config = self.config
         size = self.model_config.image_size
         shape = f"{self.model_config.in_channels}x{size}x{size}"
+        where = str(self.device)
+        if self.device.type == "cpu":  # on a busy machine fewer threads can be much faster: --threads
+            threads = torch.get_num_threads()
+            where += f" ({threads} thread{'s' if threads > 1 else ''})"
         self.log(
             f"training {config.preset} U-Net ({count_parameters(self.raw_model):,} parameters, {shape}) "
             f"on {len(self.data)} images from {self.data.source}, {self.ctx.world_size} process(es) "
-            f"on {self.device}, precision {self.amp_dtype or torch.float32}"
+            f"on {where}, precision {self.amp_dtype or torch.float32}"
         )
         self.raw_model.train()
         images_per_step = config.batch_size * config.grad_accum * self.ctx.world_size
@@ -403,6 +408,7 @@ def train(config: TrainConfig, given: set[str] | None = None) -> Path:
 
 def _train(config: TrainConfig, given: set[str] | None) -> Path:
     ckpt = None
+    config = dataclasses.replace(config, dataset=dataset_reference(config.dataset))
     if config.resume:
         ckpt = load_checkpoint(Path(config.out) / CHECKPOINT_NAME)
         if ckpt.train_state is None:
@@ -415,6 +421,8 @@ def _train(config: TrainConfig, given: set[str] | None) -> Path:
         stored = ckpt.train_state.get("config")
         if not isinstance(stored, dict):
             raise file_error(ckpt.path, "damaged training state: the run's settings are missing")
+        if isinstance(stored.get("dataset"), str):  # a run from before folders were stored absolute
+            stored = {**stored, "dataset": dataset_reference(stored["dataset"])}
         config = resumed_config(
             config, stored, given_fields(config) if given is None else set(given), ckpt.path
         )
@@ -425,7 +433,11 @@ def _train(config: TrainConfig, given: set[str] | None) -> Path:
                 ckpt.path, f"damaged training state: the run's settings are invalid ({e})"
             ) from None
     ctx, device = distributed.setup(config.device)
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     try:
         return Trainer(config, ctx, device, ckpt).run()
     finally:
+        torch.set_num_threads(threads)
         distributed.teardown(ctx)

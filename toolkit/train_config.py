@@ -17,7 +17,7 @@ LR_SCHEDULES = ("constant", "cosine")
 # Everything else (data, model, optimisation, seed, the sample grids) is the run's, restored from model.pt.
 CHANGEABLE_ON_RESUME = ("steps", "save_every", "sample_every", "keep", "log_every")
 # Settings of this invocation only, never taken from the checkpoint.
-INVOCATION = ("out", "resume", "overwrite", "progress", "device")
+INVOCATION = ("out", "resume", "overwrite", "progress", "device", "threads")
 
 
 @dataclass
@@ -59,6 +59,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     precision: str = "auto"
     device: str = "auto"
+    threads: int | None = None  # torch's CPU threads; None: torch's default (one per core)
     seed: int = 0
     # outputs
     sample_every: int = 500
@@ -87,6 +88,8 @@ class TrainConfig:
         for name in ("grad_clip", "weight_decay"):
             _check(name, getattr(self, name), float, low=0)
         _check("ema_decay", self.ema_decay, float, low=0, high=1, high_open=True)
+        if self.threads is not None:
+            _check("threads", self.threads, int, low=1)
         if self.dropout is not None:
             _check("dropout", self.dropout, float, low=0, high=1, high_open=True)
         _check("cond_dropout", self.cond_dropout, float, low=0, high=1, high_open=True)

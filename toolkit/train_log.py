@@ -5,7 +5,9 @@ log.csv has one row every --log-every steps and at each save, columns
     step, loss, ema_loss, lr, images_per_s, wall_s
 
 (`loss` the mean over the steps since the previous row, `ema_loss` the exponential moving average of the
-per-step loss with weight 0.02, `wall_s` the training time since step 0, summed over resumed runs). On a
+per-step loss with weight 0.02, bias-corrected as in Adam (Kingma & Ba 2015): after n steps the average
+started at 0 is divided by 1 − 0.98^n, so the first rows are averages of the losses so far, `wall_s` the
+training time since step 0, summed over resumed runs). On a
 terminal progress is a bar; otherwise (a pipe, a file, a batch job) a plain line per row; `--no-progress`
 keeps one line per save.
 """
@@ -46,7 +48,10 @@ class TrainingLog:
         self.mode = mode  # "bar", "lines" or "saves"
         self.echo = echo
         self.rows = read_log(self.out / LOG_NAME, first_step) if first_step else []
+        # the average started at 0 over `_ema_steps` losses; a resumed run takes it back from its last row
+        self._ema_steps = self.rows[-1]["step"] if self.rows else 0
         self.ema_loss = self.rows[-1]["ema_loss"] if self.rows else None
+        self._ema_sum = self.ema_loss * _ema_correction(self._ema_steps) if self.rows else 0.0
         self.wall_before = self.rows[-1]["wall_s"] if self.rows else 0.0
         self.started = time.perf_counter()
         self.first_step = first_step
@@ -69,9 +74,9 @@ class TrainingLog:
 
     def step(self, step: int, loss: float, lr: float) -> None:
         """Record the loss of the step that just finished (the model is now at `step`)."""
-        self.ema_loss = (
-            loss if self.ema_loss is None else (1 - EMA_WEIGHT) * self.ema_loss + EMA_WEIGHT * loss
-        )
+        self._ema_sum = (1 - EMA_WEIGHT) * self._ema_sum + EMA_WEIGHT * loss
+        self._ema_steps += 1
+        self.ema_loss = self._ema_sum / _ema_correction(self._ema_steps)
         self._window.append(loss)
         self._lr = lr
         if self.bar is not None:
@@ -165,6 +170,11 @@ class TrainingLog:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _ema_correction(steps: int) -> float:
+    """1 − (1 − w)^n: the weight an average started at 0 has given the n losses so far."""
+    return 1 - (1 - EMA_WEIGHT) ** steps
 
 
 def _clock(seconds: float) -> str:

@@ -15,7 +15,9 @@ from PIL import Image
 
 from dtk.checkpoint import load_checkpoint
 from dtk.cli import main
+from dtk.runtime.errors import DtkError
 from dtk.train import TrainConfig, train
+from dtk.train_log import TrainingLog
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -61,6 +63,42 @@ def test_log_csv_and_loss_plot_follow_the_run_across_a_resume(tmp_path, capsys):
     assert [int(r["step"]) for r in resumed] == [2, 3, 4, 5, 6, 8]
     assert resumed[:4] == rows  # the earlier rows are kept as they were
     assert float(resumed[4]["wall_s"]) > walls[-1]  # wall time adds up over the resumed runs
+
+
+def test_the_ema_loss_is_bias_corrected_and_continues_across_a_resume(tmp_path):
+    """m_n = 0.98·m_(n−1) + 0.02·loss_n from m_0 = 0, logged as m_n / (1 − 0.98^n)."""
+    losses = [1.0, 0.5, 0.25, 0.4, 0.3, 0.2]
+    straight = TrainingLog(tmp_path / "straight", 0, 6, 1, 4, "off", print)
+    for step, loss in enumerate(losses, start=1):
+        straight.step(step, loss, 1e-3)
+    ema = [row["ema_loss"] for row in straight.rows]
+    # 1, (0.0196 + 0.01) / 0.0396, (0.029008 + 0.005) / 0.058808: averages of the losses so far (without the
+    # correction, started at the first loss, they were 1, 0.99, 0.9752)
+    assert ema[:3] == pytest.approx([1.0, 74 / 99, 0.034008 / 0.058808], rel=1e-12)
+    # a run resumed at step 3 takes the average back from its log.csv and goes on as if never stopped
+    (tmp_path / "split").mkdir()
+    first = TrainingLog(tmp_path / "split", 0, 6, 1, 4, "off", print)
+    for step, loss in enumerate(losses[:3], start=1):
+        first.step(step, loss, 1e-3)
+    first.write()
+    resumed = TrainingLog(tmp_path / "split", 3, 6, 1, 4, "off", print)
+    for step, loss in enumerate(losses[3:], start=4):
+        resumed.step(step, loss, 1e-3)
+    assert [row["ema_loss"] for row in resumed.rows] == pytest.approx(ema, rel=1e-5)  # log.csv keeps 6 digits
+
+
+def test_threads_sets_torchs_cpu_threads_for_the_run(tmp_path, capsys):
+    before = torch.get_num_threads()  # 1 here (single_thread)
+    train(_config(tmp_path / "run", steps=1, progress=False, threads=2))
+    assert "1 process(es) on cpu (2 threads), precision" in capsys.readouterr().out
+    assert torch.get_num_threads() == before  # given back when the run ends
+    train(_config(tmp_path / "default", steps=1, progress=False))
+    assert f"on cpu ({before} thread{'s' if before > 1 else ''})" in capsys.readouterr().out
+    with pytest.raises(DtkError, match="--threads must be at least 1, got 0"):
+        train(_config(tmp_path / "bad", threads=0))
+    assert not (tmp_path / "bad").exists()
+    assert main(["train", "--threads", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "Invalid value for '--threads'" in capsys.readouterr().err
 
 
 def test_progress_without_a_terminal_is_plain_lines(tmp_path, capsys):

@@ -3,10 +3,13 @@ bit-identical to an uninterrupted run; a conflicting flag is refused; the interv
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from PIL import Image
 
-from dtk.checkpoint import load_checkpoint
+from dtk.checkpoint import load_checkpoint, save_checkpoint
 from dtk.cli import main
 from dtk.train_config import TrainConfig, learning_rate
 
@@ -86,6 +89,44 @@ def test_a_conflicting_flag_is_refused_a_matching_one_accepted(tmp_path, capsys)
     assert (run / "model.pt").read_bytes() == before
     assert _train("--out", run, "--steps", 3, "--resume", "--lr", "7e-4", "--seed", "11") == 0
     assert load_checkpoint(run / "model.pt").step == 3
+
+
+FOLDER_RUN = [
+    "--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2", "--attention-resolutions", "",
+    "--batch-size", "2", "--warmup-steps", "1", "--sample-every", "0", "--device", "cpu", "--no-progress",
+]  # fmt: skip
+
+
+def test_a_folder_run_resumes_from_another_working_directory(tmp_path, monkeypatch, capsys):
+    """The run stores its image folder as an absolute path (a built-in stays a name): --resume works from
+    anywhere, and the folder given again relative to the new directory is the run's own."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    (work / "images").mkdir(parents=True)
+    elsewhere.mkdir()
+    for k in range(4):
+        Image.new("L", (8, 8), 60 * k).save(work / "images" / f"{k}.png")
+    monkeypatch.chdir(work)
+    assert _train("--out", "run", "--dataset", "images", "--steps", 2, *FOLDER_RUN) == 0
+    run = work / "run"
+    stored = load_checkpoint(run / "model.pt").train_state["config"]["dataset"]
+    assert Path(stored).is_absolute() and Path(stored).resolve() == (work / "images").resolve()
+    monkeypatch.chdir(elsewhere)
+    assert _train("--out", run, "--steps", 3, "--resume", "--threads", 1) == 0  # threads: this invocation's
+    assert _train("--out", run, "--steps", 4, "--resume", "--dataset", "../work/images") == 0
+    assert load_checkpoint(run / "model.pt").step == 4
+    capsys.readouterr()
+    assert _train("--out", run, "--steps", 5, "--resume", "--dataset", "images") == 1  # not this one here
+    assert "--dataset " in capsys.readouterr().err
+    # a run saved before folders were stored absolute resumes from the directory it was started in
+    ckpt = load_checkpoint(run / "model.pt")
+    ckpt.train_state["config"]["dataset"] = "images"
+    save_checkpoint(run / "model.pt", ckpt)
+    monkeypatch.chdir(work)
+    assert _train("--out", "run", "--steps", 5, "--resume") == 0
+    assert load_checkpoint(run / "model.pt").train_state["config"]["dataset"] == stored
+    # built-in names are stored as names
+    assert _train("--out", tmp_path / "digits", "--dataset", "digits", "--steps", 1, *FOLDER_RUN) == 0
+    assert load_checkpoint(tmp_path / "digits" / "model.pt").train_state["config"]["dataset"] == "digits"
 
 
 def test_resuming_a_finished_run_asks_for_more_steps(tmp_path, capsys):

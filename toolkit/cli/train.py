@@ -125,6 +125,12 @@ def option(name: str, help: str, aliases: tuple = (), **kwargs):
     type=click.Choice(PRECISIONS),
 )
 @option("device", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", type=str)
+@option(
+    "threads",
+    "CPU threads of torch [default: torch's: OMP_NUM_THREADS, else one per core]; on a busy machine 1 is "
+    "often much faster.",
+    type=POSITIVE,
+)
 @option("seed", "Seed for weights, data order, noise and sample grids.", type=COUNT)
 @option(
     "sample_every",
