@@ -16,9 +16,19 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 IMAGES = {
     # file: (base image pattern, extras that must be installed, extras that must not)
-    "Dockerfile": (r"nvcr\.io/nvidia/tensorrt:\d\d\.\d\d-py3", {"tensorrt", "runtime"}, {"train"}),
-    "Dockerfile.jetson": (r"nvcr\.io/nvidia/l4t-jetpack:r36\.[4-9]\.\d+", {"runtime"}, {"train", "export"}),
-    "Dockerfile.cpu": (r"python:3\.1[0-9]-slim(-\w+)?", {"runtime"}, {"train", "export", "tensorrt"}),
+    "Dockerfile": (r"nvcr\.io/nvidia/tensorrt:\d\d\.\d\d-py3", {"tensorrt", "runtime", "serve"}, {"train"}),
+    "Dockerfile.jetson": (
+        r"nvcr\.io/nvidia/l4t-jetpack:r36\.[4-9]\.\d+",
+        {"runtime", "jetson"},
+        # TensorRT comes from L4T; the tensorrt extra's markers read the build host's kernel, not -tegra
+        # under arm64 emulation, where it would pull PyPI's TensorRT and cuda-python 13
+        {"train", "export", "tensorrt"},
+    ),
+    "Dockerfile.cpu": (
+        r"python:3\.1[0-9]-slim(-\w+)?",
+        {"runtime", "serve"},
+        {"train", "export", "tensorrt"},
+    ),
 }
 
 
@@ -94,6 +104,16 @@ def test_installs_dtk_with_its_extras_through_the_constraints_file(name):
     _, required, forbidden = IMAGES[name]
     assert required <= extras and not extras & forbidden, extras
     assert "torch==" in (ROOT / "constraints.txt").read_text()
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras <= declared.keys(), extras - declared.keys()  # pip only warns about an unknown extra
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cpu"])
+def test_serving_images_check_that_dtk_serve_finds_its_server(name):
+    instructions, _ = load(name)
+    runs = " ".join(a for k, a in instructions if k == "RUN")
+    assert "find_tritonserver()" in runs
 
 
 @pytest.mark.parametrize("name", sorted(IMAGES))
