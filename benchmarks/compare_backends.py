@@ -5,10 +5,12 @@ exports it to a bundle (batch 1..8), and runs `dtk bench BUNDLE --compare ...` a
 its own process, one after another. Baselines are PyTorch eager (the speed-up reference) and, with
 `--compile`, torch.compile; ONNX Runtime, and TensorRT where a GPU and TensorRT are present. Each preset is
 also exported as an int8 bundle (calibrated on `shapes` or `digits`; speed only, so without the export's
-checks) and run on ONNX Runtime; where OpenVINO is installed it runs the fp32 graph with the fp32 and bf16
-precision hints, as the peer a CPU user would pick (benchmarks/cpu_peers.py). Every CPU figure is also given
-as a fraction of this machine's GEMM peaks (fp32, int8), measured in the same run (torch's bf16 2048² GEMM
-ran for minutes here, so no bf16 peak is given).
+checks) and run on ONNX Runtime, beside the naive int8 graph of `quantize_static` (every Conv/MatMul/Gemm
+quantized: the speed reference for the layers dtk keeps in float). Where OpenVINO is installed it runs the
+fp32 graph with the fp32 and bf16 precision hints and the int8 graph on its own int8 kernels, as the peer a
+CPU user would pick (benchmarks/cpu_peers.py). Every CPU figure is also given as a fraction of this machine's
+GEMM peaks (fp32, int8, and bf16 where the CPU has bf16 instructions), measured in the same run. The
+machine's name carries its CPU's int8 tier (`cpu-amd-epyc-2c-avx2`): int8 speed-ups depend on VNNI or AMX.
 
     python benchmarks/compare_backends.py                         # this machine, defaults below
     python benchmarks/compare_backends.py --compile --duration 10
@@ -99,6 +101,11 @@ def peer(args_list: list[str]) -> dict | None:
     return json.loads(run.stdout)
 
 
+def has_bf16(system: dict) -> bool:
+    """Whether the CPU has bf16 instructions (x86 avx512_bf16 or amx_bf16, Arm bf16)."""
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(system["cpu"].get("features") or ()))
+
+
 def openvino_available() -> bool:
     import importlib.util
 
@@ -177,7 +184,7 @@ def _roof_table(records: list[dict], flops: float, peaks: dict) -> str:
     """Each CPU record's arithmetic rate against the GEMM peak of its precision, measured in the same run."""
     rows = []
     for r in records:
-        peak = peaks.get(r["precision"])
+        peak = peaks.get(r["precision"].removesuffix("-naive"))
         if peak is None or r["transfers"] != "host":
             continue
         rate = flops * r["batch"] / (r["latency_ms"]["p50"] / 1000) / 1e9
@@ -194,7 +201,10 @@ def _roof_table(records: list[dict], flops: float, peaks: dict) -> str:
     return "\n".join(head + rows)
 
 
-GEMM_PEAK_NOTE = "2048² GEMM of the same precision (fp32: torch; int8: ONNX Runtime MatMulInteger)"
+GEMM_PEAK_NOTE = (
+    "2048² GEMM of the same precision (fp32, bf16: torch, bf16 only on CPUs with bf16 instructions; "
+    "int8: ONNX Runtime MatMulInteger)"
+)
 
 
 def plot(data: dict, path: Path) -> None:
@@ -271,7 +281,8 @@ def main() -> None:
     }
     data = {"machine": machine, "system": system, "settings": settings, "presets": {}}
     threads = str(args.threads or 2)
-    peaks = {k: peer(["gemm", k, "--threads", threads, *_peer_timing(args)]) for k in ("fp32", "int8")}
+    kinds = ("fp32", "int8", *(["bf16"] if has_bf16(system) else []))  # emulated bf16 runs for minutes
+    peaks = {k: peer(["gemm", k, "--threads", threads, *_peer_timing(args)]) for k in kinds}
     data["peaks"] = {k: v for k, v in peaks.items() if v}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
@@ -299,10 +310,14 @@ def main() -> None:
                 if args.int8:
                     int8 = bench(int8_bundle, checkpoint, batch, args, backends=["onnxruntime"])
                     result["results"] += int8["results"]
+                    naive = peer(["naive-int8", str(bundle), "--batch", str(batch), *_peer_timing(args)])
+                    result["results"] += [naive] if naive else []
                 if args.openvino:
-                    for precision in ("fp32", "bf16"):
+                    graphs = [(bundle, "fp32"), (bundle, "bf16")]
+                    graphs += [(int8_bundle, "fp32")] if args.int8 else []  # OpenVINO's own int8 kernels
+                    for graph, precision in graphs:
                         record = peer(
-                            ["openvino", str(bundle), "--batch", str(batch), "--precision", precision]
+                            ["openvino", str(graph), "--batch", str(batch), "--precision", precision]
                             + _peer_timing(args)
                         )
                         result["results"] += [record] if record else []

@@ -52,7 +52,9 @@ IMPORTS = {
 
 
 def child(args: list[str]) -> str:
-    done = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True
+    )
     if done.returncode:
         sys.exit(f"footprint: the {args[0]} measurement failed:\n{done.stderr}")
     return done.stdout
@@ -99,6 +101,23 @@ class FreeDenoiser:
 
     def close(self):
         pass
+
+
+class BusyDenoiser(FreeDenoiser):
+    """Returns zeros after a busy wait as long as a real call: sampling with it times the loop as it runs
+    between network calls, when the caches and branch predictors hold the other work, not the loop's."""
+
+    def __init__(self, batch_range, seconds: float):
+        super().__init__(batch_range)
+        self.wait, self.seconds = seconds, 0.0
+
+    def __call__(self, sample, timestep):
+        start = time.perf_counter()
+        while time.perf_counter() - start < self.wait:
+            pass
+        out = super().__call__(sample, timestep)
+        self.seconds += time.perf_counter() - start
+        return out
 
 
 class TimedDenoiser:
@@ -177,8 +196,15 @@ def child_overhead(bundle: str, threads: int, rounds: int) -> dict:
                     times["inside" + suffix].append(denoiser.seconds)
                     times["loop" + suffix].append(timed(free, sampler, r, update_class))
             host.HostUpdate = in_place
+            busy = BusyDenoiser(pipe.denoiser.batch_range, statistics.median(times["bare"]) / steps)
+            waiting = Pipeline(pipe.manifest, busy)
+            after_wait = []
+            for r in range(rounds):
+                busy.seconds = 0.0
+                after_wait.append(timed(waiting, sampler, r, in_place) - busy.seconds)
             results[sampler] = {
                 "bare_ms": statistics.median(times["bare"]) * 1000,
+                "loop_after_wait_us_per_step": statistics.median(after_wait) / steps * 1e6,
                 **summarise_overhead(times, steps, ""),
                 **summarise_overhead(times, steps, "_before"),
             }
@@ -340,18 +366,23 @@ def report(record: dict) -> str:
         "Against bare: the same sample against 50 bare denoiser calls timed just before it (median of the "
         "rounds, and fastest against fastest). These are two timed blocks, so they carry the drift of a "
         "shared machine. Loop alone: the same sampling with a denoiser that costs nothing, hot, per step. "
+        "After a wait: with a denoiser that busy-waits as long as a real call and returns zeros, the loop's "
+        "time outside it per step (what the same Python costs once other work has filled the caches and "
+        "branch predictors, as in the real loop). "
         "Before: the same rounds with the generic update (every product and sum a new array) in place of "
         "the in-place host update, interleaved in the same process.",
         "",
         "| sampler | 50 bare calls | 50-step sample | inside the denoiser | overhead (before) "
-        "| against bare (before) | fastest against fastest (before) | loop alone (before) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| against bare (before) | fastest against fastest (before) | loop alone (before) "
+        "| loop after a wait |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *(
             f"| {s} | {v['bare_ms']:.1f} ms | {v['sample_ms']:.1f} ms | {v['denoiser_ms']:.1f} ms "
             f"| {v['overhead_pct']:+.1f} % ({v['overhead_pct_before']:+.1f} %) "
             f"| {v['overhead_vs_bare_pct']:+.1f} % ({v['overhead_vs_bare_pct_before']:+.1f} %) "
             f"| {v['overhead_of_minima_pct']:+.1f} % ({v['overhead_of_minima_pct_before']:+.1f} %) "
-            f"| {v['loop_us_per_step']:.1f} µs/step ({v['loop_us_per_step_before']:.1f}) |"
+            f"| {v['loop_us_per_step']:.1f} µs/step ({v['loop_us_per_step_before']:.1f}) "
+            f"| {v['loop_after_wait_us_per_step']:.1f} µs/step |"
             for s, v in over["samplers"].items()
         ),
         "",

@@ -46,8 +46,26 @@ def _run(cmd: list[str], timeout: float = 10.0) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
+# the instructions int8 and bf16 speed depends on (x86 `flags`, Arm `Features` in /proc/cpuinfo)
+MATRIX_FEATURES = (
+    "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16",
+    "asimd", "asimddp", "i8mm", "bf16", "sve",
+)  # fmt: skip
+# the best tier present names a CPU in result files: the same model name covers hosts with and without them
+ISA_TIERS = (
+    ("amx_int8", "amx"), ("avx512_vnni", "avx512vnni"), ("avx_vnni", "avxvnni"), ("avx512f", "avx512"),
+    ("avx2", "avx2"), ("i8mm", "i8mm"), ("asimddp", "dotprod"), ("asimd", "neon"),
+)  # fmt: skip
+
+
+def isa_tier(features) -> str | None:
+    """The most capable int8 tier among `features`: amx, avx512vnni, ..., avx2 (x86); i8mm, dotprod, neon."""
+    return next((tier for feature, tier in ISA_TIERS if feature in (features or ())), None)
+
+
 def cpu_info(root: str | Path = "/") -> dict:
-    """CPU model (x86 `model name`, Arm `Hardware`/device-tree model as a fallback), core counts, memory."""
+    """CPU model (x86 `model name`, Arm `Hardware`/device-tree model as a fallback), core counts, memory, and
+    the matrix-math instructions it has (MATRIX_FEATURES)."""
     root = Path(root)
     cpuinfo = _read(root / "proc/cpuinfo") or ""
     model = None
@@ -58,6 +76,8 @@ def cpu_info(root: str | Path = "/") -> dict:
             break
     if model is None:
         model = platform.processor() or platform.machine()
+    flags = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    flags = set(flags.group(1).split()) if flags else set()
     meminfo = _read(root / "proc/meminfo") or ""
     mem = re.search(r"^MemTotal:\s*(\d+)\s*kB", meminfo, re.MULTILINE)
     try:
@@ -69,6 +89,7 @@ def cpu_info(root: str | Path = "/") -> dict:
         "cores": os.cpu_count(),
         "usable_cores": usable,
         "memory_gib": round(int(mem.group(1)) / 2**20, 1) if mem else None,
+        "features": [f for f in MATRIX_FEATURES if f in flags],
     }
 
 
@@ -225,13 +246,16 @@ def _load_average() -> list[float] | None:
 
 
 def machine_name(system: dict) -> str:
-    """A short, file-name-safe name of the machine behind a result: `cpu-amd-epyc-2c`, `gpu-nvidia-h100`."""
+    """A short, file-name-safe name of the machine behind a result: `cpu-amd-epyc-2c-avx2` (the CPU's ISA
+    tier where known: int8 and bf16 speed depend on it), `gpu-nvidia-h100`."""
     if system.get("gpus"):
         prefix, name = "gpu", system["gpus"][0]["name"]
     elif system.get("jetson"):
         prefix, name = "jetson", system["jetson"].get("model") or ""
     else:
-        prefix, name = "cpu", f"{system['cpu']['model']}-{system['cpu']['usable_cores']}c"
+        cpu = system["cpu"]
+        tier = isa_tier(cpu.get("features"))
+        prefix, name = "cpu", f"{cpu['model']}-{cpu['usable_cores']}c" + (f"-{tier}" if tier else "")
     slug = re.sub(r"\((r|tm)\)", "", name.lower())
     slug = re.sub(r"[^a-z0-9]+", "-", slug).strip("-")
     return f"{prefix}-{slug}" if slug else prefix
@@ -244,8 +268,9 @@ def format_system(system: dict) -> list[tuple[str, str]]:
     rows = [
         (
             "system",
-            f"{cpu['model']}, {cpu['usable_cores']}/{cpu['cores']} cores{memory} | "
-            f"{system['platform']} | Python {system['python']}",
+            f"{cpu['model']}, {cpu['usable_cores']}/{cpu['cores']} cores{memory}"
+            + (f" ({' '.join(cpu['features'])})" if cpu.get("features") else "")
+            + f" | {system['platform']} | Python {system['python']}",
         )
     ]
     load = system.get("load_average")

@@ -266,6 +266,31 @@ def test_cpu_info_reads_model_and_memory(tmp_path):
     assert info["model"] == "AMD EPYC 9654 96-Core Processor"
     assert info["memory_gib"] == 23.5
     assert info["usable_cores"] >= 1
+    assert info["features"] == []  # "fpu" only: no matrix-math instructions named
+
+
+@pytest.mark.parametrize(
+    ("flags", "features", "name"),
+    [
+        ("flags\t\t: fpu sse2 avx2 fma", ["avx2", "fma"], "cpu-amd-epyc-2c-avx2"),
+        (
+            "flags\t\t: avx2 fma avx512f avx512_vnni avx512_bf16",
+            ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"],
+            "cpu-amd-epyc-2c-avx512vnni",
+        ),
+        ("Features\t: fp asimd asimddp i8mm", ["asimd", "asimddp", "i8mm"], "cpu-amd-epyc-2c-i8mm"),
+    ],
+)
+def test_the_cpu_s_int8_instructions_are_read_and_name_the_machine(tmp_path, flags, features, name):
+    """One model name covers hosts with and without VNNI (int8 speeds differ): the tier tells them apart."""
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/cpuinfo").write_text(f"processor\t: 0\nmodel name\t: AMD EPYC\n{flags}\n")
+    info = cpu_info(tmp_path)
+    assert info["features"] == features
+    info["usable_cores"] = 2
+    assert machine_name({"gpus": [], "jetson": None, "cpu": info}) == name
+    system = {"cpu": {**info, "cores": 2}, "platform": "Linux", "python": "3.11"}
+    assert f"({' '.join(features)})" in format_system(system)[0][1]
 
 
 def test_parse_nvidia_smi():
