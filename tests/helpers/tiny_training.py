@@ -19,6 +19,11 @@ TINY_TRAINING = dict(
     progress=False,
 )
 
+# the same data and model as `dtk train` flags (tiny's attention is at 4 px already)
+TINY_TRAINING_FLAGS = [
+    "--dataset", "digits", "--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2",
+]  # fmt: skip
+
 
 def tiny_train_config(out, **overrides):
     """A TrainConfig writing to `out` with TINY_TRAINING's settings; `overrides` set any field."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_training import tiny_train_config
+from tiny_training import TINY_TRAINING_FLAGS, tiny_train_config
 
 from dtk.checkpoint import load_checkpoint
 from dtk.cli import main
@@ -151,17 +151,7 @@ def test_guided_reference_sampling_is_the_combination_of_two_calls(tmp_path):
 
 def test_cli_trains_conditionally_and_samples_a_class(tmp_path, capsys):
     out = tmp_path / "cli"
-    args = [
-        "train",
-        "--dataset",
-        "digits",
-        "--image-size",
-        "8",
-        "--base-channels",
-        "8",
-        "--channel-mults",
-        "1,2",
-    ]
+    args = ["train", *TINY_TRAINING_FLAGS]
     args += ["--batch-size", "4", "--steps", "1", "--sample-every", "0", "--class-conditional"]
     assert main([*args, "--cond-dropout", "0.2", "--out", str(out), "--no-progress"]) == 0
     ckpt = load_checkpoint(out / "model.pt")

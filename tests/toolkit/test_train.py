@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 from PIL import Image
-from tiny_training import tiny_train_config
+from tiny_training import TINY_TRAINING_FLAGS, tiny_train_config
 
 from dtk.checkpoint import load_checkpoint
 from dtk.cli import main
@@ -162,17 +162,7 @@ def test_help_documents_every_config_field(capsys):
 
 def test_cli_trains_and_reports_errors_in_one_line(tmp_path, capsys):
     out = tmp_path / "cli"
-    args = [
-        "train",
-        "--dataset",
-        "digits",
-        "--image-size",
-        "8",
-        "--base-channels",
-        "8",
-        "--channel-mults",
-        "1,2",
-    ]
+    args = ["train", *TINY_TRAINING_FLAGS]
     args += ["--attention-resolutions", "", "--batch-size", "4", "--steps", "1", "--sample-every", "0"]
     assert main([*args, "--out", str(out), "--no-progress"]) == 0
     ckpt = load_checkpoint(out / "model.pt")

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
-from tiny_training import tiny_train_config
+from tiny_training import TINY_TRAINING_FLAGS, tiny_train_config
 
 from dtk.checkpoint import load_checkpoint
 from dtk.cli import main
@@ -83,7 +83,7 @@ def test_an_attention_level_that_does_not_exist_is_warned_about(tmp_path, capsys
 
 
 CLI = [
-    "--dataset", "digits", "--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2",
+    *TINY_TRAINING_FLAGS,
     "--batch-size", "4", "--sample-every", "0", "--save-every", "0", "--device", "cpu", "--log-every", "1",
 ]  # fmt: skip
 
