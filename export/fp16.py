@@ -116,24 +116,30 @@ def _constants_to_initializers(graph) -> None:
         graph.node.extend(keep)
 
 
-def _fp32_nodes(graph, types) -> dict[int, str]:
-    """index of each node that stays fp32 → why."""
+def graph_links(graph) -> tuple[dict[str, int], dict[str, list[int]], set[str]]:
+    """The graph's edges by node index: tensor → the node writing it, tensor → the nodes reading it; and the
+    initializers' names."""
     producer = {o: i for i, n in enumerate(graph.node) for o in n.output}
     consumers: dict[str, list[int]] = {}
     for i, node in enumerate(graph.node):
         for name in node.input:
             consumers.setdefault(name, []).append(i)
-    initializers = {t.name for t in graph.initializer}
+    return producer, consumers, {t.name for t in graph.initializer}
+
+
+def _fp32_nodes(graph, types) -> dict[int, str]:
+    """index of each node that stays fp32 → why."""
+    producer, consumers, initializers = graph_links(graph)
     keep: dict[int, str] = {}
 
-    for i in _timestep_branch(graph, types):
+    for i in timestep_branch(graph, types):
         keep[i] = "timestep"
     for i, node in enumerate(graph.node):
         if node.op_type in NORM_OPS:
             for j in _norm_pattern(graph, i, producer, consumers, initializers):
                 keep.setdefault(j, "normalization")
         elif node.op_type == "Softmax":
-            for j in _attention_core(graph, i, producer, consumers, initializers):
+            for j in attention_core(graph, i, producer, consumers, initializers):
                 keep.setdefault(j, "attention")
         elif node.op_type in FRAGILE_OPS:
             keep.setdefault(i, "reduction/exp")
@@ -142,7 +148,7 @@ def _fp32_nodes(graph, types) -> dict[int, str]:
     return keep
 
 
-def _timestep_branch(graph, types) -> list[int]:
+def timestep_branch(graph, types) -> list[int]:
     """Nodes whose float inputs derive from `timestep` and not from `sample` (float data edges only)."""
     origin = {"timestep": {"timestep"}, "sample": {"sample"}}
     branch = []
@@ -184,7 +190,7 @@ def _norm_pattern(graph, i, producer, consumers, initializers) -> list[int]:
     return nodes
 
 
-def _attention_core(graph, i, producer, consumers, initializers) -> list[int]:
+def attention_core(graph, i, producer, consumers, initializers) -> list[int]:
     """Softmax, the path back to the QKᵀ matmul (scale, mask), its scaled operands, and softmax·V."""
     nodes = [i]
     current = graph.node[i]

@@ -78,23 +78,18 @@ class QuantizeResult:
 
 def float_groups(model) -> dict[str, list[str]]:
     """Candidate group → names of its nodes in `model` (an fp32 ModelProto with named nodes)."""
-    from dtk.export.fp16 import _attention_core, _timestep_branch, value_types
+    from dtk.export.fp16 import attention_core, graph_links, timestep_branch, value_types
 
     graph = model.graph
     nodes = list(graph.node)
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
-    consumers: dict[str, list[int]] = {}
-    for i, node in enumerate(nodes):
-        for name in node.input:
-            consumers.setdefault(name, []).append(i)
-    initializers = {t.name for t in graph.initializer}
+    producer, consumers, initializers = graph_links(graph)
     matmuls = {"MatMul", "Gemm"}
 
-    timestep = [i for i in _timestep_branch(graph, value_types(model)) if nodes[i].op_type in matmuls]
+    timestep = [i for i in timestep_branch(graph, value_types(model)) if nodes[i].op_type in matmuls]
     attention = set()
     for i, node in enumerate(nodes):
         if node.op_type == "Softmax":
-            core = _attention_core(graph, i, producer, consumers, initializers)
+            core = attention_core(graph, i, producer, consumers, initializers)
             attention |= {j for j in core if nodes[j].op_type in (*matmuls, "Softmax")}
     return {
         "first_conv": [nodes[i].name for i in _nearest_convs(nodes, "sample", consumers, forward=True)],

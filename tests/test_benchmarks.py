@@ -304,3 +304,48 @@ def test_footprint_times_the_generic_update_as_the_loop_ran_before(monkeypatch):
     assert summary["overhead_vs_bare_pct"] == pytest.approx(1.5)  # median of +2 % and +1 %
     assert summary["overhead_of_minima_pct"] == pytest.approx(2.0)
     assert summary["loop_us_per_step"] == pytest.approx(0.4 / 50 * 1e6)
+
+
+def test_footprint_splits_a_sample_into_the_denoiser_s_time_and_the_loop_s():
+    """TimedDenoiser sums the time inside the calls and hides a backend's own chain, so the host loop runs;
+    BusyDenoiser waits about as long as asked and returns zeros."""
+    import time
+
+    from dtk.runtime import Pipeline
+    from dtk.runtime.manifest import Manifest, TensorSpec
+    from dtk.runtime.schedule import DiffusionConfig
+
+    footprint = _script("footprint")
+    config, chw = DiffusionConfig(), [1, 2, 2]
+    manifest = Manifest(
+        image_size=chw[1:],
+        in_channels=1,
+        out_channels=1,
+        inputs=[
+            TensorSpec("sample", "float32", ["batch", *chw]),
+            TensorSpec("timestep", "float32", ["batch"]),
+        ],
+        outputs=[TensorSpec("model_output", "float32", ["batch", *chw])],
+        batch={"min": 1, "opt": 1, "max": 2},
+        diffusion=config,
+        betas=config.betas,
+    )
+
+    class Chained(footprint.FreeDenoiser):
+        def run_chain(self, *args, **kwargs):
+            raise AssertionError("the timer must keep the host loop")
+
+        def __call__(self, sample, timestep):
+            time.sleep(0.002)
+            return super().__call__(sample, timestep)
+
+    timed = footprint.TimedDenoiser(Chained((1, 2)))
+    assert timed.batch_range == (1, 2) and timed.run_chain is None
+    start = time.perf_counter()
+    Pipeline(manifest, timed).sample(num=1, steps=4, sampler="ddim", seed=0)
+    total = time.perf_counter() - start
+    assert 4 * 0.002 <= timed.seconds < total  # four calls inside, the loop's own time outside
+    busy = footprint.BusyDenoiser((1, 2), 0.001)
+    start = time.perf_counter()
+    out = busy(np.ones((1, 1, 2, 2), np.float32), np.zeros(1))
+    assert not out.any() and 0.001 <= busy.seconds <= time.perf_counter() - start

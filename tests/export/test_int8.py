@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import onnx
 import pytest
+from tiny_training import tiny_train_config
 
 from dtk.cli import main
 from dtk.export import calibration as calibration_module
@@ -20,23 +21,6 @@ from dtk.runtime.errors import DtkError
 from dtk.runtime.manifest import load_manifest
 from dtk.runtime.schedule import DiffusionConfig
 
-# 8x8 digits, a U-Net of ~45k parameters trained for a few hundred steps: enough to draw digits
-TRAIN = dict(
-    dataset="digits",
-    preset="tiny",
-    image_size=8,
-    base_channels=8,
-    channel_mults=(1, 2),
-    attention_resolutions=(4,),
-    batch_size=32,
-    lr=3e-3,
-    warmup_steps=20,
-    ema_decay=0.99,
-    sample_every=0,
-    save_every=0,
-    device="cpu",
-    progress=False,
-)
 # float outputs: this 45k-parameter model's images move by 4.6/255 with int8 outputs (1.7/255 with float
 # ones); the 0.7M-parameter digits model passes with int8 outputs (benchmarks/results/int8_sensitivity.json)
 INT8 = dict(precision="int8", batch=(1, 8, 16), calibration_size=64, check_samples=64, int8_outputs="float")
@@ -44,10 +28,11 @@ INT8 = dict(precision="int8", batch=(1, 8, 16), calibration_size=64, check_sampl
 
 @pytest.fixture(scope="module")
 def digits_checkpoint(tmp_path_factory):
-    from dtk.train import TrainConfig, train
+    from dtk.train import train
 
+    # enough steps, larger batches and a faster EMA than the other tests' runs: this model draws digits
     out = tmp_path_factory.mktemp("digits") / "run"
-    return train(TrainConfig(out=str(out), steps=300, **TRAIN))
+    return train(tiny_train_config(out, steps=300, batch_size=32, lr=3e-3, warmup_steps=20, ema_decay=0.99))
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import hashlib
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
+import fake_gpu
 import numpy as np
 import pytest
 
@@ -21,29 +21,17 @@ from dtk.runtime.files import sha256
 from dtk.runtime.manifest import load_manifest
 
 
-def _fakes():
-    name = "dtk_tests_fake_gpu"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).parents[1] / "runtime" / "fake_gpu.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture
 def gpu(monkeypatch):
     from dtk.runtime.backends import cuda
 
-    fake = _fakes().FakeGpu(name="NVIDIA Jetson Fake", compute_capability=(8, 7))
+    fake = fake_gpu.FakeGpu(name="NVIDIA Jetson Fake", compute_capability=(8, 7))
     monkeypatch.setattr(cuda, "_load_bindings", lambda: cuda.Bindings(fake.runtime, fake.driver, fake.nvrtc))
     return fake
 
 
 def _tensorrt(monkeypatch, gpu, version):
-    trt = _fakes().fake_tensorrt(gpu, version)
+    trt = fake_gpu.fake_tensorrt(gpu, version)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     return trt
 
@@ -65,7 +53,7 @@ def _build(bundle, progress=False, **options):
 
 
 def _bundle(tmp_path, **kwargs):
-    return _fakes().write_fake_bundle(tmp_path / "bundle", **kwargs)
+    return fake_gpu.write_fake_bundle(tmp_path / "bundle", **kwargs)
 
 
 def test_tensorrt10_takes_fp16_as_a_builder_flag_with_the_batch_profile(tmp_path, trt10):
@@ -239,7 +227,7 @@ def test_a_failed_build_reports_tensorrt_errors_and_keeps_the_previous_plan(tmp_
     _build(bundle)
     before = {name: (bundle / name).read_bytes() for name in ("unet.plan", "unet.plan.json", "dtk.json")}
     (bundle / "unet.onnx").write_bytes(
-        _fakes().fake_onnx("batch", [1, 8, 8], build_error="Out of memory: tactic needs 2 GiB")
+        fake_gpu.fake_onnx("batch", [1, 8, 8], build_error="Out of memory: tactic needs 2 GiB")
     )
     with pytest.raises(
         DtkError, match="TensorRT could not build an engine: Out of memory: tactic needs 2 GiB"
@@ -286,7 +274,7 @@ def test_ctrl_c_during_the_build_cancels_it(tmp_path, trt10, monkeypatch):
 def test_without_tensorrt_and_gpu_one_error_says_what_is_missing(tmp_path, monkeypatch):
     from dtk.runtime.backends import cuda
 
-    fake = _fakes().FakeGpu(driver=False)
+    fake = fake_gpu.FakeGpu(driver=False)
     monkeypatch.setattr(cuda, "_load_bindings", lambda: cuda.Bindings(fake.runtime, fake.driver, fake.nvrtc))
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` fails
     with pytest.raises(DtkError) as caught:
@@ -416,14 +404,14 @@ def test_a_builder_tensorrt_cannot_create_is_one_line_with_tensorrts_reason(tmp_
 
 
 def test_hardware_compat_is_refused_on_jetson_before_building(tmp_path, monkeypatch):
-    fake = _fakes().FakeGpu(name="Orin", compute_capability=(8, 7), integrated=True, sm_count=8)
-    trt = _fakes().install(monkeypatch, fake)
+    fake = fake_gpu.FakeGpu(name="Orin", compute_capability=(8, 7), integrated=True, sm_count=8)
+    trt = fake_gpu.install(monkeypatch, fake)
     bundle = _bundle(tmp_path)
     with pytest.raises(DtkError, match=r"--hardware-compat is not supported on Orin: .*integrated GPU"):
         _build(bundle, hardware_compat="ampere+")
     assert trt._builds == [] and not (bundle / "unet.plan").exists()
-    old = _fakes().FakeGpu(name="Tesla T4", compute_capability=(7, 5))
-    _fakes().install(monkeypatch, old)
+    old = fake_gpu.FakeGpu(name="Tesla T4", compute_capability=(7, 5))
+    fake_gpu.install(monkeypatch, old)
     with pytest.raises(DtkError, match=r"needs an Ampere or newer GPU \(sm_80\+\); Tesla T4 is sm_75"):
         _build(bundle, hardware_compat="ampere+")
 
@@ -431,8 +419,8 @@ def test_hardware_compat_is_refused_on_jetson_before_building(tmp_path, monkeypa
 def test_the_sidecar_identifies_the_gpu_and_platform(tmp_path, monkeypatch):
     from dtk.runtime.sidecar import this_platform
 
-    fake = _fakes().FakeGpu(name="Orin", compute_capability=(8, 7), integrated=True, sm_count=8)
-    _fakes().install(monkeypatch, fake)
+    fake = fake_gpu.FakeGpu(name="Orin", compute_capability=(8, 7), integrated=True, sm_count=8)
+    fake_gpu.install(monkeypatch, fake)
     bundle = _bundle(tmp_path)
     _build(bundle)
     sidecar = json.loads((bundle / "unet.plan.json").read_text())
@@ -496,7 +484,7 @@ def test_an_engine_that_differs_from_onnxruntime_leaves_no_plan(tmp_path, trt10,
     bundle = _bundle(tmp_path)
     _build(bundle)
     before = {name: (bundle / name).read_bytes() for name in ("unet.plan", "unet.plan.json", "dtk.json")}
-    (bundle / "unet.onnx").write_bytes(_fakes().fake_onnx("batch", [1, 8, 8], engine_error=0.01))
+    (bundle / "unet.onnx").write_bytes(fake_gpu.fake_onnx("batch", [1, 8, 8], engine_error=0.01))
     assert main(["build-engine", str(bundle), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "parity (fp32, TensorRT vs ONNX Runtime CPUExecutionProvider)" in err and "FAIL" in err
@@ -523,12 +511,12 @@ def test_several_engines_per_bundle_each_with_its_sidecar(tmp_path, monkeypatch,
     from dtk.runtime.pipeline import Pipeline
 
     bundle = _bundle(tmp_path)
-    _fakes().install(
-        monkeypatch, _fakes().FakeGpu(name="NVIDIA H200", compute_capability=(9, 0), sm_count=132)
+    fake_gpu.install(
+        monkeypatch, fake_gpu.FakeGpu(name="NVIDIA H200", compute_capability=(9, 0), sm_count=132)
     )
     assert main(["build-engine", str(bundle), "--no-progress"]) == 0
-    orin = _fakes().FakeGpu(name="Orin", compute_capability=(8, 7), integrated=True, sm_count=8)
-    _fakes().install(monkeypatch, orin)
+    orin = fake_gpu.FakeGpu(name="Orin", compute_capability=(8, 7), integrated=True, sm_count=8)
+    fake_gpu.install(monkeypatch, orin)
     assert main(["build-engine", str(bundle), "--no-progress", "--engine-name", "orin-nx-fp16",
                  "--precision", "fp16"]) == 0  # fmt: skip
     names = sorted(p.name for p in bundle.iterdir())
@@ -537,8 +525,8 @@ def test_several_engines_per_bundle_each_with_its_sidecar(tmp_path, monkeypatch,
     assert load_manifest(bundle).plan == "unet-orin-nx-fp16.plan"
     capsys.readouterr()
 
-    _fakes().install(
-        monkeypatch, _fakes().FakeGpu(name="NVIDIA H200", compute_capability=(9, 0), sm_count=132)
+    fake_gpu.install(
+        monkeypatch, fake_gpu.FakeGpu(name="NVIDIA H200", compute_capability=(9, 0), sm_count=132)
     )
     with Pipeline.load(bundle, backend="tensorrt") as pipe:
         assert pipe.denoiser.plan_path.name == "unet.plan"

@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from field_edits import set_field
 
 from dtk.cli import main
 from dtk.runtime import Pipeline, integrity
@@ -30,45 +31,37 @@ def _edit(bundle, change) -> None:
     path.write_text(json.dumps(data))
 
 
-def _set(*keys_and_value):
-    *keys, value = keys_and_value
-
-    def change(data):
-        for key in keys[:-1]:
-            data = data[key]
-        data[keys[-1]] = value
-
-    return change
-
-
 @pytest.mark.parametrize(
     ("change", "message"),
     [
         (
-            _set("diffusion", "num_train_timesteps", 1000.0),
+            set_field("diffusion", "num_train_timesteps", 1000.0),
             "num_train_timesteps must be an integer, got 1000.0",
         ),
-        (_set("diffusion", "num_train_timesteps", 10**10), "num_train_timesteps 10000000000 is absurd"),
-        (_set("diffusion", "clip_sample", "yes"), "clip_sample must be true or false, got 'yes'"),
-        (_set("diffusion", "clip_sample_range", -1.0), "clip_sample_range must be positive, got -1.0"),
-        (_set("diffusion", "beta_end", 1.5), r"beta_end must lie in \(0, 1\), got 1.5"),
+        (set_field("diffusion", "num_train_timesteps", 10**10), "num_train_timesteps 10000000000 is absurd"),
+        (set_field("diffusion", "clip_sample", "yes"), "clip_sample must be true or false, got 'yes'"),
+        (set_field("diffusion", "clip_sample_range", -1.0), "clip_sample_range must be positive, got -1.0"),
+        (set_field("diffusion", "beta_end", 1.5), r"beta_end must lie in \(0, 1\), got 1.5"),
         (
-            _set("diffusion", "steps_offset", 1000),
+            set_field("diffusion", "steps_offset", 1000),
             r"steps_offset 1000 is beyond the schedule's last timestep \(999\)",
         ),
-        (_set("files", "onnx", None), "files.onnx must be a file name in the bundle, got None"),
-        (_set("files", "onnx", 5), "files.onnx must be a file name in the bundle, got 5"),
-        (_set("files", "onnx", "../../model.pt"), "files.onnx '../../model.pt' leaves the bundle"),
-        (_set("files", "onnx", "/etc/passwd"), "files.onnx '/etc/passwd' leaves the bundle"),
-        (_set("files", "plan", "../other/unet.plan"), "files.plan '../other/unet.plan' leaves the bundle"),
-        (_set("parity", []), "parity must be an object, got \\[\\]"),
-        (_set("schema_version", -1), "schema_version must be at least 1, got -1"),
-        (_set("io", "batch", "max", 1e12), "io.batch.max must be an integer, got 1000000000000.0"),
-        (_set("io", "batch", "max", 10**12), "io.batch.max must be at most 65536, got 1000000000000"),
-        (_set("image", "size", [16.5, 16]), "image.size must be an integer, got 16.5"),
-        (_set("image", "in_channels", True), "image.in_channels must be an integer, got True"),
-        (_set("opset", "18"), "opset must be an integer, got '18'"),
-        (_set("io", "inputs", {"name": "sample"}), "io.inputs must be a list of tensors"),
+        (set_field("files", "onnx", None), "files.onnx must be a file name in the bundle, got None"),
+        (set_field("files", "onnx", 5), "files.onnx must be a file name in the bundle, got 5"),
+        (set_field("files", "onnx", "../../model.pt"), "files.onnx '../../model.pt' leaves the bundle"),
+        (set_field("files", "onnx", "/etc/passwd"), "files.onnx '/etc/passwd' leaves the bundle"),
+        (
+            set_field("files", "plan", "../other/unet.plan"),
+            "files.plan '../other/unet.plan' leaves the bundle",
+        ),
+        (set_field("parity", []), "parity must be an object, got \\[\\]"),
+        (set_field("schema_version", -1), "schema_version must be at least 1, got -1"),
+        (set_field("io", "batch", "max", 1e12), "io.batch.max must be an integer, got 1000000000000.0"),
+        (set_field("io", "batch", "max", 10**12), "io.batch.max must be at most 65536, got 1000000000000"),
+        (set_field("image", "size", [16.5, 16]), "image.size must be an integer, got 16.5"),
+        (set_field("image", "in_channels", True), "image.in_channels must be an integer, got True"),
+        (set_field("opset", "18"), "opset must be an integer, got '18'"),
+        (set_field("io", "inputs", {"name": "sample"}), "io.inputs must be a list of tensors"),
     ],
 )
 def test_bad_field_is_one_line_naming_the_file(bundle, change, message):

@@ -7,23 +7,11 @@ stream capture rules, and IExecutionContext.set_tensor_address's 256-byte alignm
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
-from pathlib import Path
 
+import fake_gpu
 import numpy as np
 import pytest
-
-
-def _fakes():
-    name = "dtk_tests_fake_gpu"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "fake_gpu.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def _ok(result):
@@ -38,7 +26,7 @@ def _code(result) -> str:
 
 @pytest.fixture
 def gpu():
-    return _fakes().FakeGpu(devices=2)
+    return fake_gpu.FakeGpu(devices=2)
 
 
 class _Logger:
@@ -50,9 +38,9 @@ class _Logger:
 
 
 def test_builder_and_runtime_raise_typeerror_with_the_reason_logged():
-    gpu = _fakes().FakeGpu()
+    gpu = fake_gpu.FakeGpu()
     gpu.tensorrt_cuda_fails = True
-    trt = _fakes().fake_tensorrt(gpu)
+    trt = fake_gpu.fake_tensorrt(gpu)
     for factory in (trt.Builder, trt.Runtime):
         logger = _Logger()
         with pytest.raises(TypeError, match="factory function returned nullptr"):
@@ -64,12 +52,12 @@ def test_a_thread_uses_only_what_its_current_device_owns(gpu):
     rt, drv = gpu.runtime, gpu.driver
     _ok(rt.cudaSetDevice(1))
     stream = _ok(rt.cudaStreamCreateWithFlags(1))
-    module = _ok(drv.cuModuleLoadData(_fakes().cubin_for(87)))
+    module = _ok(drv.cuModuleLoadData(fake_gpu.cubin_for(87)))
     _ok(rt.cudaSetDevice(0))
     assert _code(rt.cudaStreamSynchronize(stream)) == "cudaErrorInvalidResourceHandle"
     assert _code(drv.cuModuleUnload(module)) == "CUDA_ERROR_INVALID_CONTEXT"
     answers = []
-    worker = threading.Thread(target=lambda: answers.append(drv.cuModuleLoadData(_fakes().cubin_for(87))))
+    worker = threading.Thread(target=lambda: answers.append(drv.cuModuleLoadData(fake_gpu.cubin_for(87))))
     worker.start()
     worker.join()
     assert _code(answers[0]) == "CUDA_ERROR_INVALID_CONTEXT"  # a new thread has no current context yet
@@ -95,13 +83,13 @@ def test_a_thread_uses_only_what_its_current_device_owns(gpu):
     ],
 )
 def test_module_loading_takes_only_images_for_this_gpu(image, code):
-    gpu = _fakes().FakeGpu(compute_capability=(8, 7), driver_ptx=(9, 0))
+    gpu = fake_gpu.FakeGpu(compute_capability=(8, 7), driver_ptx=(9, 0))
     _ok(gpu.runtime.cudaSetDevice(0))
-    assert _code(gpu.driver.cuModuleLoadData(image(_fakes()))) == code
+    assert _code(gpu.driver.cuModuleLoadData(image(fake_gpu))) == code
 
 
 def test_nvrtc_logs_have_their_real_length_and_buffers_must_be_bytearrays():
-    gpu = _fakes().FakeGpu()
+    gpu = fake_gpu.FakeGpu()
     rtc = gpu.nvrtc
     program = _ok(rtc.nvrtcCreateProgram(b"no kernel here", b"x.cu", 0, [], []))
     assert (
@@ -124,7 +112,7 @@ def test_capture_rules(gpu):
     rt = gpu.runtime
     _ok(rt.cudaSetDevice(0))
     stream = _ok(rt.cudaStreamCreateWithFlags(1))
-    mode = _fakes().cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+    mode = fake_gpu.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
     _ok(rt.cudaStreamBeginCapture(stream, mode))
     assert _code(rt.cudaStreamSynchronize(stream)) == "cudaErrorStreamCaptureUnsupported"
     error, graph = rt.cudaStreamEndCapture(stream)
@@ -139,9 +127,9 @@ def test_a_kernels_first_launch_inside_a_capture_fails_before_cuda_12_3():
     from dtk.runtime.backends.update_kernel import COEFF_SLOTS
 
     for capture_loads in (False, True):
-        gpu = _fakes().FakeGpu(capture_loads=capture_loads)
+        gpu = fake_gpu.FakeGpu(capture_loads=capture_loads)
         with pytest.MonkeyPatch.context() as mp:
-            _fakes().install(mp, gpu)
+            fake_gpu.install(mp, gpu)
             session = CudaSession(0)
             kernel = UpdateKernel(session)
             buffer = session.device_buffer(4 * 16)  # x0 history: [2, n]
@@ -162,7 +150,7 @@ def test_a_kernels_first_launch_inside_a_capture_fails_before_cuda_12_3():
 def _engine(gpu, io_dtype="float32", batch=(1, 2, 4)):
     import json
 
-    trt = _fakes().fake_tensorrt(gpu)
+    trt = fake_gpu.fake_tensorrt(gpu)
     logger = _Logger()
     builder = trt.Builder(logger)
     network = builder.create_network(0)
@@ -191,7 +179,7 @@ def test_execute_inside_a_capture_needs_one_run_outside_after_a_shape_change(gpu
     context.set_input_shape("sample", (2, 1, 4, 4))
     context.set_input_shape("timestep", (2,))
     stream = _ok(rt.cudaStreamCreateWithFlags(1))
-    mode = _fakes().cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+    mode = fake_gpu.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
     _ok(rt.cudaStreamBeginCapture(stream, mode))
     assert context.execute_async_v3(int(stream)) is False
     assert _code(rt.cudaStreamEndCapture(stream)) == "cudaErrorStreamCaptureInvalidated"
@@ -222,13 +210,13 @@ def test_fp16_io_plans_compute_in_fp16(gpu):
     stream = _ok(rt.cudaStreamCreateWithFlags(1))
     assert context.execute_async_v3(int(stream))
     _ok(rt.cudaStreamSynchronize(stream))
-    want = _fakes().fake_unet(x.reshape(1, 1, 4, 4), np.full(1, 100, np.float16)).reshape(-1)
+    want = fake_gpu.fake_unet(x.reshape(1, 1, 4, 4), np.full(1, 100, np.float16)).reshape(-1)
     np.testing.assert_array_equal(gpu.view(pointers["model_output"], 16, np.float16), want)
 
 
 def test_version_compatible_plans_need_host_code_allowed_and_hardware_compat_not_on_jetson():
-    gpu = _fakes().FakeGpu()
-    trt = _fakes().fake_tensorrt(gpu)
+    gpu = fake_gpu.FakeGpu()
+    trt = fake_gpu.fake_tensorrt(gpu)
     logger = _Logger()
     builder = trt.Builder(logger)
     network = builder.create_network(0)
@@ -242,8 +230,8 @@ def test_version_compatible_plans_need_host_code_allowed_and_hardware_compat_not
     runtime.engine_host_code_allowed = True
     assert runtime.deserialize_cuda_engine(plan) is not None
 
-    jetson = _fakes().FakeGpu(integrated=True)
-    trt = _fakes().fake_tensorrt(jetson)
+    jetson = fake_gpu.FakeGpu(integrated=True)
+    trt = fake_gpu.fake_tensorrt(jetson)
     builder = trt.Builder(logger)
     config = builder.create_builder_config()
     config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS

@@ -7,27 +7,16 @@ close. tests/runtime/gpu_standin.py says how the stand-in runs the U-Net on the 
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import sys
-from pathlib import Path
 
+import gpu_standin
 import numpy as np
 import pytest
 
 from dtk.runtime.errors import DtkError
 
 pytestmark = pytest.mark.gpu
-
-
-def _standin():
-    name = "dtk_tests_gpu_standin"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "gpu_standin.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def _has_gpu() -> bool:
@@ -54,7 +43,7 @@ def standin(tiny_bundle, tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # restored after the test; the stand-in replaces it
 
     def open_(cuda_graph=False):
-        return _standin().open_standin(bundle, tiny_checkpoint, cuda_graph=cuda_graph)
+        return gpu_standin.open_standin(bundle, tiny_checkpoint, cuda_graph=cuda_graph)
 
     return open_
 
@@ -81,7 +70,7 @@ def test_engine_calls_match_the_module(standin):
 def test_the_device_chain_makes_the_host_loops_images(standin, cuda_graph):
     denoiser, _, _ = standin(cuda_graph)
     with denoiser:
-        result = _standin().chain_against_host(denoiser, batch=4, steps=20, sampler="ddpm")
+        result = gpu_standin.chain_against_host(denoiser, batch=4, steps=20, sampler="ddpm")
     assert result["images_within_1_level"], result
     assert result["max_abs_latent"] < 1e-3, result
 

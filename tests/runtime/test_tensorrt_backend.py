@@ -10,10 +10,9 @@ that close frees everything. They say nothing about real CUDA or TensorRT: see t
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import sys
-from pathlib import Path
 
+import fake_gpu
 import numpy as np
 import pytest
 
@@ -21,30 +20,20 @@ from dtk.runtime.errors import DtkError
 from dtk.runtime.samplers import SamplerPlan, sample_loop
 
 
-def _fakes():
-    name = "dtk_tests_fake_gpu"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "fake_gpu.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def _install(monkeypatch, gpu, version="10.3.0"):
-    return _fakes().install(monkeypatch, gpu, version)
+    return fake_gpu.install(monkeypatch, gpu, version)
 
 
 @pytest.fixture
 def gpu(monkeypatch):
-    fake = _fakes().FakeGpu()
+    fake = fake_gpu.FakeGpu()
     _install(monkeypatch, fake)
     return fake
 
 
 def _plan_file(tmp_path, batch=(1, 2, 4), channels=1, size=8, **options):
     bundle_options = {"channels": channels, "size": size}
-    return _fakes().plan_file(tmp_path, batch, bundle_options=bundle_options, **options)
+    return fake_gpu.plan_file(tmp_path, batch, bundle_options=bundle_options, **options)
 
 
 def _denoiser(tmp_path, **kwargs):
@@ -71,7 +60,7 @@ def _noise_table(plan, shape, seed=1):
 def _host_chain(plan, x, table, callback=None):
     """sample_loop with the fake engine's function: what run_chain must reproduce."""
     return sample_loop(
-        lambda s, t: _fakes().fake_unet(s, np.full(len(s), t)), x, plan, table.__getitem__, callback
+        lambda s, t: fake_gpu.fake_unet(s, np.full(len(s), t)), x, plan, table.__getitem__, callback
     )
 
 
@@ -92,7 +81,7 @@ def test_call_matches_the_engine_with_buffers_for_the_largest_batch(tmp_path, gp
             t = np.full(batch, 417, dtype=np.float32)
             out = denoiser(x, t)
             assert out.dtype == np.float32 and out.shape == (batch, 1, 8, 8)
-            np.testing.assert_array_equal(out, _fakes().fake_unet(x, t))
+            np.testing.assert_array_equal(out, fake_gpu.fake_unet(x, t))
         assert context._shapes["sample"] == (4, 1, 8, 8)
         assert gpu.live() == {"device": 3, "pinned": 3, "streams": 1}  # allocated once
 
@@ -100,7 +89,7 @@ def test_call_matches_the_engine_with_buffers_for_the_largest_batch(tmp_path, gp
 def test_a_scalar_timestep_is_broadcast(tmp_path, gpu):
     with _denoiser(tmp_path) as denoiser:
         x = np.ones((2, 1, 8, 8), dtype=np.float32)
-        np.testing.assert_array_equal(denoiser(x, 10), _fakes().fake_unet(x, np.full(2, 10.0)))
+        np.testing.assert_array_equal(denoiser(x, 10), fake_gpu.fake_unet(x, np.full(2, 10.0)))
 
 
 def test_wrong_batches_and_shapes_are_refused(tmp_path, gpu):
@@ -184,7 +173,7 @@ def test_device_call_runs_the_engine_on_resident_buffers(tmp_path, gpu):
                 call()
             assert gpu.log == ["engine"] * 3  # no copies
             output = gpu.view(denoiser._context._addresses["model_output"], 3 * 64, np.float32)
-            np.testing.assert_array_equal(output, _fakes().fake_unet(x, np.full(3, 5.0)).reshape(-1))
+            np.testing.assert_array_equal(output, fake_gpu.fake_unet(x, np.full(3, 5.0)).reshape(-1))
 
 
 def test_close_frees_every_allocation(tmp_path, gpu):
@@ -204,9 +193,9 @@ def test_close_frees_every_allocation(tmp_path, gpu):
 def test_a_plan_for_another_gpu_is_refused_before_anything_is_allocated(tmp_path, monkeypatch):
     from dtk.runtime.backends.tensorrt import TensorRTDenoiser
 
-    _install(monkeypatch, _fakes().FakeGpu())
+    _install(monkeypatch, fake_gpu.FakeGpu())
     plan, manifest = _plan_file(tmp_path)
-    other = _fakes().FakeGpu(name="NVIDIA H200", compute_capability=(9, 0))
+    other = fake_gpu.FakeGpu(name="NVIDIA H200", compute_capability=(9, 0))
     _install(monkeypatch, other)
     with pytest.raises(
         DtkError, match=r"built for NVIDIA Fake GPU \(sm_87\), this GPU is NVIDIA H200 \(sm_90\)"
@@ -218,7 +207,7 @@ def test_a_plan_for_another_gpu_is_refused_before_anything_is_allocated(tmp_path
 def test_a_plan_for_another_tensorrt_is_refused(tmp_path, monkeypatch):
     from dtk.runtime.backends.tensorrt import TensorRTDenoiser
 
-    fake = _fakes().FakeGpu()
+    fake = fake_gpu.FakeGpu()
     _install(monkeypatch, fake, "10.3.0")
     plan, manifest = _plan_file(tmp_path)
     _install(monkeypatch, fake, "10.8.0")
@@ -229,7 +218,7 @@ def test_a_plan_for_another_tensorrt_is_refused(tmp_path, monkeypatch):
 def test_a_version_compatible_plan_loads_with_host_code_allowed(tmp_path, monkeypatch):
     from dtk.runtime.backends.tensorrt import TensorRTDenoiser
 
-    fake = _fakes().FakeGpu()
+    fake = fake_gpu.FakeGpu()
     _install(monkeypatch, fake)
     plan, manifest = _plan_file(tmp_path, version_compat=True)
     with TensorRTDenoiser(plan, manifest) as denoiser:
@@ -282,7 +271,7 @@ def test_without_tensorrt_the_error_says_how_to_get_it(tmp_path, gpu, monkeypatc
 
 
 def test_without_nvrtc_run_chain_falls_back_to_the_host_update(tmp_path, monkeypatch):
-    fake = _fakes().FakeGpu(nvrtc=False)
+    fake = fake_gpu.FakeGpu(nvrtc=False)
     _install(monkeypatch, fake)
     plan = _sampler_plan(steps=4)
     x = np.random.default_rng(3).standard_normal((2, 1, 8, 8), dtype=np.float32)
@@ -298,7 +287,7 @@ def test_the_kernel_is_compiled_for_the_gpus_architecture(tmp_path, monkeypatch)
         ((8, 7), b"--gpu-architecture=sm_87"),
         ((12, 0), b"--gpu-architecture=compute_90"),
     ):
-        fake = _fakes().FakeGpu(compute_capability=compute_capability)
+        fake = fake_gpu.FakeGpu(compute_capability=compute_capability)
         _install(monkeypatch, fake)
         plan = _sampler_plan(steps=2)
         x = np.zeros((1, 1, 8, 8), dtype=np.float32)
@@ -308,13 +297,13 @@ def test_the_kernel_is_compiled_for_the_gpus_architecture(tmp_path, monkeypatch)
 
 
 def test_pycuda_can_allocate(tmp_path, gpu, monkeypatch):
-    package, driver = _fakes().fake_pycuda(gpu)
+    package, driver = fake_gpu.fake_pycuda(gpu)
     monkeypatch.setitem(sys.modules, "pycuda", package)
     monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
     denoiser = _denoiser(tmp_path, allocator="pycuda")
     assert len(driver.context_stack) == 1
     x = np.ones((2, 1, 8, 8), dtype=np.float32)
-    np.testing.assert_array_equal(denoiser(x, np.zeros(2, np.float32)), _fakes().fake_unet(x, np.zeros(2)))
+    np.testing.assert_array_equal(denoiser(x, np.zeros(2, np.float32)), fake_gpu.fake_unet(x, np.zeros(2)))
     denoiser.close()
     assert gpu.live() == {} and driver.context_stack == []
 
@@ -385,7 +374,7 @@ def test_the_pipeline_samples_through_run_chain(tmp_path, gpu):
 
     def denoise(s, t):
         steps.append(t)
-        return _fakes().fake_unet(s, np.full(len(s), t))
+        return fake_gpu.fake_unet(s, np.full(len(s), t))
 
     want = sample_loop(denoise, x, plan, lambda i: source.step(3, (1, 8, 8)))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -4,10 +4,7 @@ sampling gives the images ONNX Runtime gives on the same bundle. Nothing here ra
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
+import fake_gpu
 import numpy as np
 import pytest
 
@@ -16,26 +13,16 @@ from dtk.runtime.errors import DtkError
 CLASSES = {"num_classes": 3, "names": ["a", "b", "c"], "null_class": 3}
 
 
-def _fakes():
-    name = "dtk_tests_fake_gpu"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "fake_gpu.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture
 def gpu(monkeypatch):
-    fake = _fakes().FakeGpu()
-    monkeypatch.setattr(fake, "trt", _fakes().install(monkeypatch, fake), raising=False)
+    fake = fake_gpu.FakeGpu()
+    monkeypatch.setattr(fake, "trt", fake_gpu.install(monkeypatch, fake), raising=False)
     return fake
 
 
 @pytest.fixture
 def conditional_plan(tmp_path, gpu):
-    plan, manifest = _fakes().plan_file(tmp_path, (1, 2, 8), bundle_options={"classes": CLASSES})
+    plan, manifest = fake_gpu.plan_file(tmp_path, (1, 2, 8), bundle_options={"classes": CLASSES})
     return plan, manifest, gpu.trt
 
 
@@ -48,7 +35,7 @@ def test_labels_are_an_engine_input_with_a_profile(conditional_plan):
     t = np.array([1.0, 500.0, 999.0], np.float32)
     with TensorRTDenoiser(plan, manifest) as denoiser:
         out = denoiser(x, t, np.array([0, 2, 1]))
-        expected = _fakes().fake_unet(x, t, class_labels=np.array([0, 2, 1]))
+        expected = fake_gpu.fake_unet(x, t, class_labels=np.array([0, 2, 1]))
         np.testing.assert_allclose(out, expected, atol=1e-6)
         np.testing.assert_array_equal(denoiser(x, t), denoiser(x, t, np.array([3, 3, 3])))  # the null class
         with pytest.raises(DtkError, match="class_labels must be integers"):
@@ -84,7 +71,7 @@ def _guided_host_chain(plan, x, labels, scale, max_batch, table):
     from dtk.runtime.samplers import sample_loop
 
     def denoise(s, t, class_labels):
-        return _fakes().fake_unet(s, np.full(len(s), t), class_labels=class_labels)
+        return fake_gpu.fake_unet(s, np.full(len(s), t), class_labels=class_labels)
 
     return sample_loop(guided(denoise, labels, CLASSES["null_class"], scale, max_batch), x, plan, table.get)
 
@@ -161,9 +148,9 @@ def test_without_nvrtc_the_guided_chain_guides_on_the_host(tmp_path, monkeypatch
     from dtk.runtime.backends.tensorrt import TensorRTDenoiser
     from dtk.runtime.samplers import make_plan
 
-    fake = _fakes().FakeGpu(nvrtc=False)
-    _fakes().install(monkeypatch, fake)
-    plan_path, manifest = _fakes().plan_file(tmp_path, (1, 2, 8), bundle_options={"classes": CLASSES})
+    fake = fake_gpu.FakeGpu(nvrtc=False)
+    fake_gpu.install(monkeypatch, fake)
+    plan_path, manifest = fake_gpu.plan_file(tmp_path, (1, 2, 8), bundle_options={"classes": CLASSES})
     plan = make_plan("ddpm", manifest.diffusion, 4)
     rng = np.random.default_rng(5)
     x = rng.standard_normal((5, 1, 8, 8), dtype=np.float32)

@@ -6,12 +6,12 @@ raise instead of returning None, per-thread current contexts, module-load errors
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
 import threading
-from pathlib import Path
 
+import fake_gpu
+import gpu_standin
 import numpy as np
 import pytest
 
@@ -19,22 +19,12 @@ from dtk.runtime.errors import DtkError
 from dtk.runtime.samplers import SamplerPlan, sample_loop
 
 
-def _fakes():
-    name = "dtk_tests_fake_gpu"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "fake_gpu.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def _open(tmp_path, monkeypatch, gpu=None, cuda_graph=False, **options):
     from dtk.runtime.backends.tensorrt import TensorRTDenoiser
 
-    gpu = gpu or _fakes().FakeGpu()
-    _fakes().install(monkeypatch, gpu)
-    plan, manifest = _fakes().plan_file(tmp_path, **options)
+    gpu = gpu or fake_gpu.FakeGpu()
+    fake_gpu.install(monkeypatch, gpu)
+    plan, manifest = fake_gpu.plan_file(tmp_path, **options)
     return gpu, TensorRTDenoiser(plan, manifest, cuda_graph=cuda_graph)
 
 
@@ -54,9 +44,9 @@ def test_a_runtime_tensorrt_cannot_create_is_one_line_with_tensorrts_reason(tmp_
     """trt.Runtime never returns None: pybind11 raises TypeError after TensorRT logged why."""
     from dtk.runtime.backends.tensorrt import TensorRTDenoiser
 
-    gpu = _fakes().FakeGpu()
-    _fakes().install(monkeypatch, gpu)
-    plan, manifest = _fakes().plan_file(tmp_path)
+    gpu = fake_gpu.FakeGpu()
+    fake_gpu.install(monkeypatch, gpu)
+    plan, manifest = fake_gpu.plan_file(tmp_path)
     gpu.tensorrt_cuda_fails = True
     with pytest.raises(DtkError) as caught:
         TensorRTDenoiser(plan, manifest)
@@ -89,7 +79,7 @@ def test_close_makes_its_gpu_current_first(tmp_path, monkeypatch):
     """cuModuleUnload acts on the current context: another library switching GPUs must not break close."""
     from dtk.runtime.backends.cuda import Cuda
 
-    gpu, denoiser = _open(tmp_path, monkeypatch, _fakes().FakeGpu(devices=2))
+    gpu, denoiser = _open(tmp_path, monkeypatch, fake_gpu.FakeGpu(devices=2))
     x = np.zeros((1, 1, 8, 8), np.float32)
     denoiser.run_chain(_plan(2), x, _noise(x.shape))
     Cuda().rt("cudaSetDevice", 1)
@@ -99,7 +89,7 @@ def test_close_makes_its_gpu_current_first(tmp_path, monkeypatch):
 
 def test_a_denoiser_works_from_another_thread(tmp_path, monkeypatch):
     """Current contexts are per thread: a fresh thread has none until dtk makes its GPU current."""
-    gpu, denoiser = _open(tmp_path, monkeypatch, _fakes().FakeGpu(devices=2))
+    gpu, denoiser = _open(tmp_path, monkeypatch, fake_gpu.FakeGpu(devices=2))
     x = np.ones((2, 1, 8, 8), np.float32)
     results = []
     with denoiser:
@@ -132,7 +122,7 @@ def test_a_refused_batch_leaves_no_stale_shape(tmp_path, monkeypatch):
         with pytest.raises(DtkError, match=r"TensorRT refused batch 3: timestep: batch 3 refused$"):
             denoiser(x3, np.zeros(3, np.float32))
         out = denoiser(x2, np.full(2, 7.0, np.float32))
-        np.testing.assert_array_equal(out, _fakes().fake_unet(x2, np.full(2, 7.0)))
+        np.testing.assert_array_equal(out, fake_gpu.fake_unet(x2, np.full(2, 7.0)))
         assert context._shapes["sample"] == (2, 1, 8, 8)
 
 
@@ -162,13 +152,13 @@ def test_a_kernel_the_driver_cannot_load_falls_back_to_the_host_update(
 ):
     """NVRTC newer than the driver: its PTX (or cubin) is refused by cuModuleLoadData; the chain still runs,
     with the update on the host and a warning naming the error."""
-    gpu, denoiser = _open(tmp_path, monkeypatch, _fakes().FakeGpu(**gpu_options))
+    gpu, denoiser = _open(tmp_path, monkeypatch, fake_gpu.FakeGpu(**gpu_options))
     x = np.random.default_rng(3).standard_normal((2, 1, 8, 8), dtype=np.float32)
     plan = _plan(3)
     table = {
         i: np.random.default_rng(i).standard_normal(x.shape, dtype=np.float32) for i in range(plan.steps)
     }
-    want = sample_loop(lambda s, t: _fakes().fake_unet(s, np.full(len(s), t)), x, plan, table.__getitem__)
+    want = sample_loop(lambda s, t: fake_gpu.fake_unet(s, np.full(len(s), t)), x, plan, table.__getitem__)
     with denoiser:
         if code:
             with pytest.warns(RuntimeWarning, match=f"{code}.*applying the sampler update on the host"):
@@ -184,8 +174,8 @@ def test_a_kernel_the_driver_cannot_load_falls_back_to_the_host_update(
 def test_other_module_load_errors_are_not_hidden(monkeypatch):
     from dtk.runtime.backends.cuda import CudaError, CudaSession
 
-    gpu = _fakes().FakeGpu()
-    _fakes().install(monkeypatch, gpu)
+    gpu = fake_gpu.FakeGpu()
+    fake_gpu.install(monkeypatch, gpu)
     session = CudaSession(0)
     with pytest.raises(CudaError, match="cuModuleLoadData failed: CUDA_ERROR_INVALID_IMAGE"):
         session.load_function(b"not a module", "dtk_sampler_update")
@@ -197,7 +187,7 @@ def test_other_module_load_errors_are_not_hidden(monkeypatch):
 def test_the_kernel_is_loaded_before_the_capture(tmp_path, monkeypatch, capture_loads):
     """Drivers before CUDA 12.3 cannot load a module inside a capture: the first launch happens eagerly."""
     gpu, denoiser = _open(
-        tmp_path, monkeypatch, _fakes().FakeGpu(capture_loads=capture_loads), cuda_graph=True
+        tmp_path, monkeypatch, fake_gpu.FakeGpu(capture_loads=capture_loads), cuda_graph=True
     )
     x = np.zeros((2, 1, 8, 8), np.float32)
     with denoiser:
@@ -210,11 +200,11 @@ def test_nvrtc_writes_into_bytearrays_only(monkeypatch):
     process-wide. The fake refuses bytes; dtk must hand NVRTC a bytearray."""
     from dtk.runtime.backends.cuda import Cuda, _program_log, compile_update_kernel
 
-    gpu = _fakes().FakeGpu()
-    _fakes().install(monkeypatch, gpu)
+    gpu = fake_gpu.FakeGpu()
+    fake_gpu.install(monkeypatch, gpu)
     cuda = Cuda()
     image = compile_update_kernel(cuda, (8, 7))
-    assert isinstance(image, bytes) and image == _fakes().cubin_for(87)
+    assert isinstance(image, bytes) and image == fake_gpu.cubin_for(87)
     program = cuda.rtc("nvrtcCreateProgram", b"dtk_sampler_update", b"x.cu", 0, [], [])
     cuda.rtc("nvrtcCompileProgram", program, 1, [b"--gpu-architecture=sm_87"])
     assert _program_log(cuda, program) == ""  # a 1-byte log: just the NUL
@@ -224,8 +214,8 @@ def test_nvrtc_writes_into_bytearrays_only(monkeypatch):
 def test_a_compile_error_shows_nvrtcs_log(monkeypatch):
     from dtk.runtime.backends import cuda as cuda_module
 
-    gpu = _fakes().FakeGpu()
-    _fakes().install(monkeypatch, gpu)
+    gpu = fake_gpu.FakeGpu()
+    fake_gpu.install(monkeypatch, gpu)
     monkeypatch.setattr(cuda_module, "UPDATE_KERNEL_SOURCE", 'extern "C" __global__ void other() {}')
     with pytest.raises(DtkError, match=r"(?s)NVRTC could not compile.*identifier \"dtk_sampler_update\""):
         cuda_module.compile_update_kernel(cuda_module.Cuda(), (8, 7))
@@ -236,7 +226,7 @@ def test_fp16_io_plans_are_called_in_fp16(tmp_path, monkeypatch):
     x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
     with denoiser:
         out = denoiser(x, np.full(3, 500.0, np.float32))
-        want = _fakes().fake_unet(x.astype(np.float16), np.full(3, 500.0, np.float16))
+        want = fake_gpu.fake_unet(x.astype(np.float16), np.full(3, 500.0, np.float16))
         assert out.dtype == np.float32
         np.testing.assert_array_equal(out, want.astype(np.float32))
         with pytest.raises(DtkError, match="run_chain needs float32 I/O"):
@@ -249,14 +239,14 @@ def test_a_version_compatible_plan_needs_host_code_allowed(tmp_path, monkeypatch
     with denoiser:
         assert denoiser._runtime.engine_host_code_allowed is True
         x = np.ones((1, 1, 8, 8), np.float32)
-        np.testing.assert_array_equal(denoiser(x, 3), _fakes().fake_unet(x, np.full(1, 3.0)))
+        np.testing.assert_array_equal(denoiser(x, 3), fake_gpu.fake_unet(x, np.full(1, 3.0)))
 
 
 def test_an_insufficient_driver_names_both_cuda_versions(monkeypatch):
     """cuda-python 13 on JetPack 6's CUDA 12.6 driver: say which versions clash and what to install."""
     from dtk.runtime.backends.cuda import gpu_info
 
-    _fakes().install(monkeypatch, _fakes().FakeGpu(driver=False, driver_version=12060))
+    fake_gpu.install(monkeypatch, fake_gpu.FakeGpu(driver=False, driver_version=12060))
     with pytest.raises(DtkError) as caught:
         gpu_info(0)
     message = str(caught.value)
@@ -271,14 +261,9 @@ def test_an_insufficient_driver_names_both_cuda_versions(monkeypatch):
 def test_the_gpu_checks_chain_comparison_on_the_fake(tmp_path, monkeypatch):
     """benchmarks/gpu_check.py's device-chain-against-host-loop numbers, computed here on the fake (the real
     run is tests/runtime/test_gpu_standin.py on a GPU)."""
-    spec = importlib.util.spec_from_file_location(
-        "dtk_tests_gpu_standin", Path(__file__).parent / "gpu_standin.py"
-    )
-    standin = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(standin)
     gpu, denoiser = _open(tmp_path, monkeypatch, cuda_graph=True)
     with denoiser:
-        result = standin.chain_against_host(denoiser, batch=2, steps=6, sampler="ddim")
+        result = gpu_standin.chain_against_host(denoiser, batch=2, steps=6, sampler="ddim")
     assert result["max_abs_latent"] < 1e-5 and result["max_levels"] == 0 and result["images_within_1_level"]
     assert (result["steps"], result["batch"], result["cuda_graph"]) == (6, 2, True)
 
@@ -289,17 +274,12 @@ def test_the_gpu_standins_plan_opens_in_the_backend(tmp_path, monkeypatch):
     from dtk.runtime.backends.tensorrt import TensorRTDenoiser
     from dtk.runtime.manifest import load_manifest
 
-    spec = importlib.util.spec_from_file_location(
-        "dtk_tests_gpu_standin", Path(__file__).parent / "gpu_standin.py"
-    )
-    standin = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(standin)
     pytest.importorskip("torch")
-    gpu = _fakes().FakeGpu()
-    _fakes().install(monkeypatch, gpu)
-    monkeypatch.setitem(sys.modules, "tensorrt", standin.standin_tensorrt(module=None))
-    bundle = _fakes().write_fake_bundle(tmp_path / "bundle")
-    plan = standin.write_standin_plan(bundle)
+    gpu = fake_gpu.FakeGpu()
+    fake_gpu.install(monkeypatch, gpu)
+    monkeypatch.setitem(sys.modules, "tensorrt", gpu_standin.standin_tensorrt(module=None))
+    bundle = fake_gpu.write_fake_bundle(tmp_path / "bundle")
+    plan = gpu_standin.write_standin_plan(bundle)
     with TensorRTDenoiser(plan, load_manifest(bundle)) as denoiser:
         assert denoiser.batch_range == (1, 4) and denoiser._context._addresses.keys() == {
             "sample", "timestep", "model_output"

@@ -10,13 +10,13 @@ Parameter names are compared too (callers and TensorRT's Python wrappers may pas
 from __future__ import annotations
 
 import ast
-import importlib.util
 import inspect
 import os
 import re
 import sys
 from pathlib import Path
 
+import fake_gpu
 import pytest
 
 ROOT = Path(__file__).parents[2]
@@ -32,16 +32,6 @@ SOURCES = [
 pytestmark = pytest.mark.skipif(
     not STUB_FILE.is_file(), reason=f"tensorrt-stubs not installed in {STUBS} (run `make .venv/.installed`)"
 )
-
-
-def _fakes():
-    name = "dtk_tests_fake_gpu"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "fake_gpu.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def _parse(text: str) -> ast.Module:
@@ -129,8 +119,8 @@ def _public(obj) -> dict[str, object]:
 
 
 def test_every_name_the_fake_provides_exists_with_the_same_parameters(stubs):
-    gpu = _fakes().FakeGpu()
-    trt = _fakes().fake_tensorrt(gpu, "10.3.0")
+    gpu = fake_gpu.FakeGpu()
+    trt = fake_gpu.fake_tensorrt(gpu, "10.3.0")
     problems, checked = [], 0
     for name, value in _public(trt).items():
         if name in ("__version__", "__init__") or isinstance(value, type(sys)):
@@ -161,5 +151,5 @@ def test_every_name_the_fake_provides_exists_with_the_same_parameters(stubs):
 
 
 def test_the_fake_logger_severities_are_tensorrts(stubs):
-    trt = _fakes().fake_tensorrt(_fakes().FakeGpu())
+    trt = fake_gpu.fake_tensorrt(fake_gpu.FakeGpu())
     assert set(trt.ILogger.Severity.__members__) <= set(stubs["ILogger.Severity"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from field_edits import set_field
 
 from dtk.checkpoint import Checkpoint, load_checkpoint
 from dtk.cli import main
@@ -27,31 +28,23 @@ def _save(tmp_path, data) -> str:
     return str(path)
 
 
-def _edit(*keys_and_value):
-    *keys, value = keys_and_value
-
-    def change(data):
-        for key in keys[:-1]:
-            data = data[key]
-        data[keys[-1]] = value
-
-    return change
-
-
 @pytest.mark.parametrize(
     ("change", "message"),
     [
         (
-            _edit("diffusion", "num_train_timesteps", 1000.0),
+            set_field("diffusion", "num_train_timesteps", 1000.0),
             "num_train_timesteps must be an integer, got 1000.0",
         ),
-        (_edit("diffusion", "beta_end", 1.5), r"beta_end must lie in \(0, 1\), got 1.5"),
-        (_edit("diffusion", "beta_start", -0.1), r"beta_start must lie in \(0, 1\), got -0.1"),
-        (_edit("diffusion", "steps_offset", -2), "steps_offset must be 0 or more, got -2"),
-        (_edit("model_config", "base_channels", 8.5), "base_channels must be an integer, got 8.5"),
-        (_edit("model_config", "channel_mults", "12"), "channel_mults must be a list of integers, got '12'"),
-        (_edit("step", 2.5), "step must be an integer, got 2.5"),
-        (_edit("model_state", "conv_in.weight", [1.0, 2.0]), "weight conv_in.weight is not a tensor"),
+        (set_field("diffusion", "beta_end", 1.5), r"beta_end must lie in \(0, 1\), got 1.5"),
+        (set_field("diffusion", "beta_start", -0.1), r"beta_start must lie in \(0, 1\), got -0.1"),
+        (set_field("diffusion", "steps_offset", -2), "steps_offset must be 0 or more, got -2"),
+        (set_field("model_config", "base_channels", 8.5), "base_channels must be an integer, got 8.5"),
+        (
+            set_field("model_config", "channel_mults", "12"),
+            "channel_mults must be a list of integers, got '12'",
+        ),
+        (set_field("step", 2.5), "step must be an integer, got 2.5"),
+        (set_field("model_state", "conv_in.weight", [1.0, 2.0]), "weight conv_in.weight is not a tensor"),
     ],
 )
 def test_bad_content_on_load(tmp_path, capsys, change, message):

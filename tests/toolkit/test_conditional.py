@@ -3,10 +3,13 @@ conditional training with label dropout and its exact resume, and guided referen
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_training import TINY_TRAINING_FLAGS, tiny_train_config
 
 from dtk.checkpoint import load_checkpoint
 from dtk.cli import main
@@ -14,31 +17,13 @@ from dtk.data import BatchStream, load_dataset, shapes_with_kinds
 from dtk.labels import digit_labels, folder_labels, with_labels
 from dtk.reference import sample_checkpoint
 from dtk.runtime.errors import DtkError
-from dtk.train import TrainConfig, train
+from dtk.train import train
 from dtk.unet import UNet, UNetConfig, count_parameters
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SMALL = dict(
-    dataset="digits",
-    preset="tiny",
-    image_size=8,
-    base_channels=8,
-    channel_mults=(1, 2),
-    attention_resolutions=(4,),
-    batch_size=8,
-    lr=1e-3,
-    warmup_steps=2,
-    sample_every=0,
-    save_every=0,
-    device="cpu",
-    progress=False,
-    class_conditional=True,
-)
-
-
-def _config(tmp_path, name="run", **overrides) -> TrainConfig:
-    return TrainConfig(out=str(tmp_path / name), **{**SMALL, **overrides})
+# the tests' tiny training runs, class-conditional unless a test says otherwise
+_config = functools.partial(tiny_train_config, class_conditional=True)
 
 
 def test_class_embedding_adds_one_row_per_class_to_the_timestep_embedding():
@@ -98,7 +83,7 @@ def test_labels_for_digits_shapes_and_folders(tmp_path):
 
 
 def test_conditional_run_records_classes_and_draws_a_row_per_class(tmp_path):
-    path = train(_config(tmp_path, steps=2, sample_every=2, sample_num=20, sample_steps=2))
+    path = train(_config(tmp_path / "run", steps=2, sample_every=2, sample_num=20, sample_steps=2))
     ckpt = load_checkpoint(path)
     assert ckpt.classes == {"num_classes": 10, "names": list("0123456789"), "null_class": 10}
     assert ckpt.model_config.num_class_embeds == 11
@@ -109,38 +94,38 @@ def test_conditional_run_records_classes_and_draws_a_row_per_class(tmp_path):
 
 def test_resumed_conditional_run_equals_an_uninterrupted_one(tmp_path):
     extra = dict(dropout=0.1, grad_accum=2, cond_dropout=0.5)
-    straight = load_checkpoint(train(_config(tmp_path, "straight", steps=4, **extra)))
-    train(_config(tmp_path, "split", steps=2, **extra))
-    resumed = load_checkpoint(train(_config(tmp_path, "split", steps=4, resume=True, **extra)))
+    straight = load_checkpoint(train(_config(tmp_path / "straight", steps=4, **extra)))
+    train(_config(tmp_path / "split", steps=2, **extra))
+    resumed = load_checkpoint(train(_config(tmp_path / "split", steps=4, resume=True, **extra)))
     assert resumed.step == 4 and resumed.classes == straight.classes
     for name, tensor in straight.model_state.items():
         assert torch.equal(resumed.model_state[name], tensor), name
         assert torch.equal(resumed.ema_state[name], straight.ema_state[name]), name
-    other = load_checkpoint(train(_config(tmp_path, "other", steps=4, **{**extra, "cond_dropout": 0.0})))
+    other = load_checkpoint(train(_config(tmp_path / "other", steps=4, **{**extra, "cond_dropout": 0.0})))
     assert not torch.equal(
         other.model_state["class_embedding.weight"], straight.model_state["class_embedding.weight"]
     )
 
 
 def test_resume_refuses_a_run_with_other_conditioning(tmp_path):
-    train(_config(tmp_path, steps=2, class_conditional=False))
+    train(_config(tmp_path / "run", steps=2, class_conditional=False))
     with pytest.raises(DtkError, match=r"cannot resume with different settings: --class-conditional True"):
-        train(_config(tmp_path, steps=4, resume=True))
+        train(_config(tmp_path / "run", steps=4, resume=True))
     with pytest.raises(DtkError, match=r"cond-dropout must be in \[0, 1\)"):
-        train(_config(tmp_path, "bad", steps=1, cond_dropout=1.0))
+        train(_config(tmp_path / "bad", steps=1, cond_dropout=1.0))
 
 
 def test_unconditional_training_is_unchanged_by_the_new_options(tmp_path):
     """cond_dropout is ignored without --class-conditional: the same weights, no classes recorded."""
-    a = load_checkpoint(train(_config(tmp_path, "a", steps=2, class_conditional=False)))
-    b = load_checkpoint(train(_config(tmp_path, "b", steps=2, class_conditional=False, cond_dropout=0.7)))
+    a = load_checkpoint(train(_config(tmp_path / "a", steps=2, class_conditional=False)))
+    b = load_checkpoint(train(_config(tmp_path / "b", steps=2, class_conditional=False, cond_dropout=0.7)))
     assert a.classes is None and "class_embedding.weight" not in a.model_state
     assert all(torch.equal(a.model_state[k], v) for k, v in b.model_state.items())
     assert "classes" not in a.to_dict()
 
 
 def test_guided_reference_sampling_is_the_combination_of_two_calls(tmp_path):
-    path = train(_config(tmp_path, steps=2))
+    path = train(_config(tmp_path / "run", steps=2))
     kwargs = dict(num=3, steps=4, sampler="ddim", seed=5, device="cpu", progress=False)
     guided = sample_checkpoint(path, labels=[7, "2", 0], guidance_scale=3.0, **kwargs)
     one_by_one = sample_checkpoint(path, labels=[7, "2", 0], guidance_scale=3.0, batch_size=1, **kwargs)
@@ -166,17 +151,7 @@ def test_guided_reference_sampling_is_the_combination_of_two_calls(tmp_path):
 
 def test_cli_trains_conditionally_and_samples_a_class(tmp_path, capsys):
     out = tmp_path / "cli"
-    args = [
-        "train",
-        "--dataset",
-        "digits",
-        "--image-size",
-        "8",
-        "--base-channels",
-        "8",
-        "--channel-mults",
-        "1,2",
-    ]
+    args = ["train", *TINY_TRAINING_FLAGS]
     args += ["--batch-size", "4", "--steps", "1", "--sample-every", "0", "--class-conditional"]
     assert main([*args, "--cond-dropout", "0.2", "--out", str(out), "--no-progress"]) == 0
     ckpt = load_checkpoint(out / "model.pt")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import torch
+from tiny_training import TINY_TRAINING_FLAGS
 
 from dtk.checkpoint import load_checkpoint
 
@@ -14,10 +15,9 @@ from dtk.checkpoint import load_checkpoint
 def test_two_process_gloo_training(tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "dtk", "train", "--dataset", "digits", "--image-size", "8", "--base-channels", "8"]
-    command += ["--channel-mults", "1,2", "--batch-size", "4", "--steps", "3", "--save-every", "2"]
-    command += ["--sample-every", "3", "--sample-num", "4", "--sample-steps", "2", "--device", "cpu"]
-    command += ["--out", str(out), "--no-progress"]
+    command += ["-m", "dtk", "train", *TINY_TRAINING_FLAGS, "--batch-size", "4", "--steps", "3"]
+    command += ["--save-every", "2", "--sample-every", "3", "--sample-num", "4", "--sample-steps", "2"]
+    command += ["--device", "cpu", "--out", str(out), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr

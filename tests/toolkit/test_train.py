@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 from PIL import Image
+from tiny_training import TINY_TRAINING_FLAGS, tiny_train_config
 
 from dtk.checkpoint import load_checkpoint
 from dtk.cli import main
@@ -16,30 +17,11 @@ from dtk.train import TrainConfig, autocast_dtype, learning_rate, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-# 8x8 digits, a U-Net of ~40k parameters: a step takes milliseconds
-SMALL = dict(
-    dataset="digits",
-    preset="tiny",
-    image_size=8,
-    base_channels=8,
-    channel_mults=(1, 2),
-    attention_resolutions=(4,),
-    batch_size=8,
-    lr=1e-3,
-    warmup_steps=2,
-    sample_every=0,
-    save_every=0,
-    device="cpu",
-    progress=False,
-)
-
-
-def _config(tmp_path, name="run", **overrides) -> TrainConfig:
-    return TrainConfig(out=str(tmp_path / name), **{**SMALL, **overrides})
-
 
 def test_short_run_writes_checkpoint_and_sample_grids(tmp_path):
-    config = _config(tmp_path, steps=4, sample_every=2, sample_num=4, sample_steps=3, save_every=3)
+    config = tiny_train_config(
+        tmp_path / "run", steps=4, sample_every=2, sample_num=4, sample_steps=3, save_every=3
+    )
     path = train(config)
     assert path == tmp_path / "run" / "model.pt"
     assert sorted(p.name for p in path.parent.iterdir()) == [
@@ -74,9 +56,9 @@ def _tensors(state):
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     # dropout and grad accumulation on, so every source of randomness takes part
     extra = dict(dropout=0.1, grad_accum=2, hflip=True)
-    straight = load_checkpoint(train(_config(tmp_path, "straight", steps=4, **extra)))
-    train(_config(tmp_path, "split", steps=2, **extra))
-    resumed = load_checkpoint(train(_config(tmp_path, "split", steps=4, resume=True, **extra)))
+    straight = load_checkpoint(train(tiny_train_config(tmp_path / "straight", steps=4, **extra)))
+    train(tiny_train_config(tmp_path / "split", steps=2, **extra))
+    resumed = load_checkpoint(train(tiny_train_config(tmp_path / "split", steps=4, resume=True, **extra)))
     assert resumed.step == straight.step == 4
     for name, tensor in straight.model_state.items():
         assert torch.equal(resumed.model_state[name], tensor), name
@@ -86,9 +68,9 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
 
 
 def test_seed_decides_the_result(tmp_path):
-    first = load_checkpoint(train(_config(tmp_path, "a", steps=2, seed=5)))
-    again = load_checkpoint(train(_config(tmp_path, "b", steps=2, seed=5)))
-    other = load_checkpoint(train(_config(tmp_path, "c", steps=2, seed=6)))
+    first = load_checkpoint(train(tiny_train_config(tmp_path / "a", steps=2, seed=5)))
+    again = load_checkpoint(train(tiny_train_config(tmp_path / "b", steps=2, seed=5)))
+    other = load_checkpoint(train(tiny_train_config(tmp_path / "c", steps=2, seed=6)))
     weight = "conv_in.weight"
     assert torch.equal(first.model_state[weight], again.model_state[weight])
     assert not torch.equal(first.model_state[weight], other.model_state[weight])
@@ -98,7 +80,7 @@ def test_seed_decides_the_result(tmp_path):
     "overrides", [dict(prediction_type="v_prediction", min_snr_gamma=5.0, beta_schedule="cosine")]
 )
 def test_other_objectives_train(tmp_path, overrides):
-    ckpt = load_checkpoint(train(_config(tmp_path, steps=2, **overrides)))
+    ckpt = load_checkpoint(train(tiny_train_config(tmp_path / "run", steps=2, **overrides)))
     assert ckpt.diffusion.prediction_type == "v_prediction" and ckpt.diffusion.beta_schedule == "cosine"
     assert all(torch.isfinite(v).all() for v in ckpt.model_state.values())
 
@@ -119,15 +101,15 @@ def test_precision_choice_on_cpu():
 
 
 def test_resume_refuses_a_different_model_or_a_finished_run(tmp_path):
-    train(_config(tmp_path, steps=2))
+    train(tiny_train_config(tmp_path / "run", steps=2))
     with pytest.raises(
         DtkError, match=r"cannot resume with different settings: --base-channels 16 \(the run has 8\)"
     ):
-        train(_config(tmp_path, steps=4, resume=True, base_channels=16))
+        train(tiny_train_config(tmp_path / "run", steps=4, resume=True, base_channels=16))
     with pytest.raises(DtkError, match="already trained for 2 steps; pass --steps above 2"):
-        train(_config(tmp_path, steps=2, resume=True))
+        train(tiny_train_config(tmp_path / "run", steps=2, resume=True))
     with pytest.raises(DtkError, match="no such checkpoint file"):
-        train(_config(tmp_path, "empty", steps=2, resume=True))
+        train(tiny_train_config(tmp_path / "empty", steps=2, resume=True))
 
 
 @pytest.mark.parametrize(
@@ -145,7 +127,7 @@ def test_bad_settings(tmp_path, overrides, message):
         pytest.skip("this machine has CUDA")
     overrides = {"channel_mults": (1, 2, 2), **overrides} if "image_size" in overrides else overrides
     with pytest.raises(DtkError, match=message):
-        train(_config(tmp_path, **overrides))
+        train(tiny_train_config(tmp_path / "run", **overrides))
 
 
 def test_device_selection():
@@ -164,8 +146,8 @@ def test_cuda_mixed_precision_trains_and_resumes(tmp_path, precision):
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     settings = dict(device="cuda", precision=precision, sample_every=4, sample_num=4, sample_steps=3)
-    train(_config(tmp_path, steps=2, **settings))
-    ckpt = load_checkpoint(train(_config(tmp_path, steps=4, resume=True, **settings)))
+    train(tiny_train_config(tmp_path / "run", steps=2, **settings))
+    ckpt = load_checkpoint(train(tiny_train_config(tmp_path / "run", steps=4, resume=True, **settings)))
     assert ckpt.step == 4 and (tmp_path / "run" / "samples_000004.png").exists()
     assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in ckpt.model_state.values())
     assert (ckpt.train_state["grad_scaler"] is not None) == (precision == "fp16")
@@ -180,17 +162,7 @@ def test_help_documents_every_config_field(capsys):
 
 def test_cli_trains_and_reports_errors_in_one_line(tmp_path, capsys):
     out = tmp_path / "cli"
-    args = [
-        "train",
-        "--dataset",
-        "digits",
-        "--image-size",
-        "8",
-        "--base-channels",
-        "8",
-        "--channel-mults",
-        "1,2",
-    ]
+    args = ["train", *TINY_TRAINING_FLAGS]
     args += ["--attention-resolutions", "", "--batch-size", "4", "--steps", "1", "--sample-every", "0"]
     assert main([*args, "--out", str(out), "--no-progress"]) == 0
     ckpt = load_checkpoint(out / "model.pt")

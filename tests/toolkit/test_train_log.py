@@ -4,6 +4,7 @@ attention warning, and a real SIGTERM that saves the run so it resumes exactly."
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from tiny_training import TINY_TRAINING_FLAGS, tiny_train_config
 
 from dtk.checkpoint import load_checkpoint
 from dtk.cli import main
@@ -21,23 +23,8 @@ from dtk.train_log import TrainingLog
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SMALL = dict(
-    dataset="digits",
-    preset="tiny",
-    image_size=8,
-    base_channels=8,
-    channel_mults=(1, 2),
-    attention_resolutions=(4,),
-    batch_size=4,
-    warmup_steps=2,
-    sample_every=0,
-    save_every=0,
-    device="cpu",
-)
-
-
-def _config(out, **overrides) -> TrainConfig:
-    return TrainConfig(out=str(out), **{**SMALL, **overrides})
+# batches of 4 at TrainConfig's lr (2e-3, pinned below), with progress lines: what these tests read back
+_config = functools.partial(tiny_train_config, batch_size=4, lr=2e-3, progress=True)
 
 
 def _rows(path):
@@ -134,7 +121,7 @@ def test_an_attention_level_that_does_not_exist_is_warned_about(tmp_path, capsys
 
 
 CLI = [
-    "--dataset", "digits", "--image-size", "8", "--base-channels", "8", "--channel-mults", "1,2",
+    *TINY_TRAINING_FLAGS,
     "--batch-size", "4", "--sample-every", "0", "--save-every", "0", "--device", "cpu", "--log-every", "1",
 ]  # fmt: skip
 
