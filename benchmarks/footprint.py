@@ -120,24 +120,19 @@ class BusyDenoiser(FreeDenoiser):
         return out
 
 
-class TimedDenoiser:
-    """The bundle's denoiser, with the seconds spent inside its calls summed: sampling through it splits one
-    run's time into the denoiser's and the loop's, side by side, so a machine whose speed drifts between two
-    timed blocks does not move the overhead."""
+def timed_denoiser(denoiser):
+    """The bundle's denoiser behind a `dtk.runtime.bench.Stopwatch`, which sums the seconds inside its calls:
+    sampling through it splits one run's time into the denoiser's and the loop's, side by side, so a machine
+    whose speed drifts between two timed blocks does not move the overhead."""
+    from dtk.runtime.bench import Stopwatch
 
-    run_chain = None  # the backend's own chain would call the session past this timer: take the host loop
+    class TimedDenoiser(Stopwatch):
+        run_chain = None  # the backend's own chain would call the session past this timer: the host loop
 
-    def __init__(self, denoiser):
-        self.denoiser, self.seconds = denoiser, 0.0
+        def __getattr__(self, name):  # batch_range, chain_guidance, ...: the denoiser's
+            return getattr(self.fn, name)
 
-    def __call__(self, *args):
-        start = time.perf_counter()
-        out = self.denoiser(*args)
-        self.seconds += time.perf_counter() - start
-        return out
-
-    def __getattr__(self, name):
-        return getattr(self.denoiser, name)
+    return TimedDenoiser(denoiser)
 
 
 class GenericUpdate:
@@ -156,7 +151,7 @@ class GenericUpdate:
 def child_overhead(bundle: str, threads: int, rounds: int) -> dict:
     """Per round, interleaved: 50 bare denoiser calls, then a 50-step `Pipeline.sample` of the same batch with
     the in-place host update, then the same with the generic update (before). Each sample runs through a
-    `TimedDenoiser`, so its own time splits into the denoiser's and the rest. Also the loop's own cost per
+    `timed_denoiser`, so its own time splits into the denoiser's and the rest. Also the loop's own cost per
     step, hot, with a denoiser that costs nothing, both ways."""
     import numpy as np
 
@@ -175,7 +170,7 @@ def child_overhead(bundle: str, threads: int, rounds: int) -> dict:
     steps, results = 50, {}
     with Pipeline.load(bundle, backend="onnxruntime", threads=threads) as pipe:
         free = Pipeline(pipe.manifest, FreeDenoiser(pipe.denoiser.batch_range))
-        denoiser = TimedDenoiser(pipe.denoiser)
+        denoiser = timed_denoiser(pipe.denoiser)
         measured = Pipeline(pipe.manifest, denoiser)
         x = np.random.default_rng(0).standard_normal((1, *pipe.sample_shape), dtype=np.float32)
         t = np.full(1, 500, dtype=np.float32)

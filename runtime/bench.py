@@ -181,10 +181,10 @@ class SamplingSplit:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
-class _Stopwatch:
+class Stopwatch:
     """Wraps a callable and adds up the time spent inside it."""
 
-    def __init__(self, fn, clock):
+    def __init__(self, fn, clock=time.perf_counter):
         self.fn, self.clock, self.seconds = fn, clock, 0.0
 
     def __call__(self, *args):
@@ -218,7 +218,7 @@ def profile_sampling(
 
     source = NoiseSource(seed)
     x = source.initial(batch, sample_shape)
-    noise = _Stopwatch(lambda i: source.step(batch, sample_shape), clock)
+    noise = Stopwatch(source.stepper(batch, sample_shape, int(plan.needs_noise.sum())), clock)
     steps = len(plan.timesteps)
     device_s = None if device_call_ms is None else steps * device_call_ms / 1000.0
 
@@ -237,7 +237,7 @@ def profile_sampling(
     def denoise(sample, t):
         return denoiser(sample, np.full(sample.shape[0], t, dtype=timestep_dtype))
 
-    timed = _Stopwatch(denoise, clock)
+    timed = Stopwatch(denoise, clock)
     start = clock()
     x = sample_loop(timed, x, plan, noise, callback=callback)
     total = clock() - start

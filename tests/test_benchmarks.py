@@ -307,29 +307,16 @@ def test_footprint_times_the_generic_update_as_the_loop_ran_before(monkeypatch):
 
 
 def test_footprint_splits_a_sample_into_the_denoiser_s_time_and_the_loop_s():
-    """TimedDenoiser sums the time inside the calls and hides a backend's own chain, so the host loop runs;
+    """timed_denoiser sums the time inside the calls and hides a backend's own chain, so the host loop runs;
     BusyDenoiser waits about as long as asked and returns zeros."""
     import time
 
+    from toy_manifest import toy_manifest
+
     from dtk.runtime import Pipeline
-    from dtk.runtime.manifest import Manifest, TensorSpec
-    from dtk.runtime.schedule import DiffusionConfig
 
     footprint = _script("footprint")
-    config, chw = DiffusionConfig(), [1, 2, 2]
-    manifest = Manifest(
-        image_size=chw[1:],
-        in_channels=1,
-        out_channels=1,
-        inputs=[
-            TensorSpec("sample", "float32", ["batch", *chw]),
-            TensorSpec("timestep", "float32", ["batch"]),
-        ],
-        outputs=[TensorSpec("model_output", "float32", ["batch", *chw])],
-        batch={"min": 1, "opt": 1, "max": 2},
-        diffusion=config,
-        betas=config.betas,
-    )
+    manifest = toy_manifest(batch=(1, 1, 2), chw=(1, 2, 2))
 
     class Chained(footprint.FreeDenoiser):
         def run_chain(self, *args, **kwargs):
@@ -339,7 +326,7 @@ def test_footprint_splits_a_sample_into_the_denoiser_s_time_and_the_loop_s():
             time.sleep(0.002)
             return super().__call__(sample, timestep)
 
-    timed = footprint.TimedDenoiser(Chained((1, 2)))
+    timed = footprint.timed_denoiser(Chained((1, 2)))
     assert timed.batch_range == (1, 2) and timed.run_chain is None
     start = time.perf_counter()
     Pipeline(manifest, timed).sample(num=1, steps=4, sampler="ddim", seed=0)

@@ -98,22 +98,9 @@ def test_missing_tensorrt_and_gpu_messages():
 
 
 def _manifest(tmp_path):
-    from dtk.runtime.manifest import Manifest, TensorSpec
-    from dtk.runtime.schedule import DiffusionConfig
+    from toy_manifest import toy_manifest
 
-    manifest = Manifest(
-        image_size=(8, 8),
-        in_channels=1,
-        out_channels=1,
-        inputs=[
-            TensorSpec("sample", "float32", ["batch", 1, 8, 8]),
-            TensorSpec("timestep", "float32", ["batch"]),
-        ],
-        outputs=[TensorSpec("model_output", "float32", ["batch", 1, 8, 8])],
-        batch={"min": 1, "opt": 2, "max": 4},
-        diffusion=DiffusionConfig(),
-        betas=DiffusionConfig().betas,
-    )
+    manifest = toy_manifest(chw=(1, 8, 8))
     manifest.save(tmp_path)
     return manifest
 

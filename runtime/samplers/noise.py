@@ -67,22 +67,22 @@ class NoiseSource:
         if self._block is not None and self._block.shape[2:] != shape:
             raise RuntimeError(f"NoiseSource.step: shape {shape} after {self._block.shape[2:]}")
 
-        remaining = [steps]  # draws still to come, or [None]
+        remaining = steps  # draws still to come, or None
 
         def noise(i):
+            nonlocal remaining
             block = self._block
             if block is None or self._next == len(block):
-                block = self._draw_block(shape, remaining)
+                fit = max(1, BLOCK_BYTES // (4 * len(self._generators) * int(np.prod(shape))))
+                ahead = min(fit, MAX_BLOCK_STEPS if remaining is None else max(1, remaining))
+                remaining = None if remaining is None else remaining - ahead
+                block = self._draw_block(shape, ahead)
             self._next += 1
             return block[self._next - 1]
 
         return noise
 
-    def _draw_block(self, shape, remaining: list) -> np.ndarray:
-        fit = max(1, BLOCK_BYTES // (4 * len(self._generators) * int(np.prod(shape))))
-        steps_ahead = min(fit, MAX_BLOCK_STEPS if remaining[0] is None else max(1, remaining[0]))
-        if remaining[0] is not None:
-            remaining[0] -= steps_ahead
+    def _draw_block(self, shape, steps_ahead: int) -> np.ndarray:
         # drawn per image [num, K, C, H, W], kept step-major so that each step is one contiguous view
         self._block = np.ascontiguousarray(self._draw((steps_ahead, *shape)).swapaxes(0, 1))
         self._next = 0

@@ -8,13 +8,13 @@ import dataclasses
 
 import numpy as np
 import pytest
+from toy_manifest import toy_manifest
 
 from dtk.runtime import Pipeline
 from dtk.runtime.errors import DtkError
 from dtk.runtime.guidance import check_classes, guided, resolve_labels, sampling_labels
 from dtk.runtime.manifest import Manifest, TensorSpec, load_manifest
 from dtk.runtime.samplers import NoiseSource, make_plan, sample_loop
-from dtk.runtime.schedule import DiffusionConfig
 
 CLASSES = {"num_classes": 3, "names": ["circle", "square", "triangle"], "null_class": 3}
 
@@ -51,20 +51,7 @@ def conditional_manifest(manifest: Manifest, low: int, high: int) -> Manifest:
 @pytest.fixture(scope="module")
 def manifest():
     """An unconditional 1×8×8 manifest, as export writes one (no bundle needed: the denoisers are fakes)."""
-    diffusion = DiffusionConfig()
-    return Manifest(
-        image_size=(8, 8),
-        in_channels=1,
-        out_channels=1,
-        inputs=[
-            TensorSpec("sample", "float32", ["batch", 1, 8, 8]),
-            TensorSpec("timestep", "float32", ["batch"]),
-        ],
-        outputs=[TensorSpec("model_output", "float32", ["batch", 1, 8, 8])],
-        batch={"min": 1, "opt": 4, "max": 4},
-        diffusion=diffusion,
-        betas=diffusion.betas,
-    )
+    return toy_manifest(batch=(1, 4, 4), chw=(1, 8, 8))
 
 
 def pipeline(manifest, low=1, high=8) -> Pipeline:

@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
+from toy_manifest import toy_manifest
 
 from dtk.runtime.backends.onnxruntime import OnnxRuntimeDenoiser, tensorrt_ep_options, update_graph
 from dtk.runtime.errors import DtkError
-from dtk.runtime.manifest import Manifest, TensorSpec
 from dtk.runtime.samplers import NoiseSource, make_plan, sample_loop
 from dtk.runtime.samplers.plan import update
-from dtk.runtime.schedule import DiffusionConfig
 
 CHW = (1, 4, 4)
 
@@ -51,21 +50,6 @@ def toy_onnx(path, batch="batch", timestep_type="float", names=("sample", "times
     model.ir_version = 8
     onnx.save(model, path)
     return path
-
-
-def toy_manifest(batch=(1, 2, 4), timestep_dtype="float32", chw=CHW, clip_sample=False) -> Manifest:
-    config = DiffusionConfig(clip_sample=clip_sample)
-    dim = batch[0] if batch[0] == batch[2] else "batch"
-    return Manifest(
-        image_size=chw[1:],
-        in_channels=chw[0],
-        out_channels=chw[0],
-        inputs=[TensorSpec("sample", "float32", [dim, *chw]), TensorSpec("timestep", timestep_dtype, [dim])],
-        outputs=[TensorSpec("model_output", "float32", [dim, *chw])],
-        batch=dict(zip(("min", "opt", "max"), batch, strict=True)),
-        diffusion=config,
-        betas=config.betas,
-    )
 
 
 @pytest.fixture(scope="module")
