@@ -99,6 +99,11 @@ class FreeDenoiser:
 
         return np.zeros_like(sample)
 
+    def run_chain(self, plan, x, noise, callback=None):  # as the ONNX Runtime backend's on the CPU
+        from dtk.runtime.samplers import sample_loop
+
+        return sample_loop(self, x, plan, noise, callback)
+
     def close(self):
         pass
 
@@ -125,9 +130,12 @@ def timed_denoiser(denoiser):
     sampling through it splits one run's time into the denoiser's and the loop's, side by side, so a machine
     whose speed drifts between two timed blocks does not move the overhead."""
     from dtk.runtime.bench import Stopwatch
+    from dtk.runtime.samplers import sample_loop
 
     class TimedDenoiser(Stopwatch):
-        run_chain = None  # the backend's own chain would call the session past this timer: the host loop
+        def run_chain(self, plan, x, noise, callback=None):
+            """What the ONNX Runtime backend's chain does on the CPU, the host loop, calling this timer."""
+            return sample_loop(self, x, plan, noise, callback)
 
         def __getattr__(self, name):  # batch_range, chain_guidance, ...: the denoiser's
             return getattr(self.fn, name)
@@ -135,17 +143,12 @@ def timed_denoiser(denoiser):
     return TimedDenoiser(denoiser)
 
 
-class GenericUpdate:
-    """The update as the host loop ran it before the in-place path (samplers/host.py): `plan.update`, which
-    allocates every product and sum. Swapped in for `HostUpdate` to time old against new in one process."""
+def generic_loop(denoise, x, plan, noise, callback=None):
+    """The loop as it ran before the in-place path (samplers/host.py): `plan.update`, which allocates every
+    product and sum. Swapped in for `host_loop` to time old against new in one process."""
+    from dtk.runtime.samplers.loop import generic_loop
 
-    def __init__(self, plan, like):
-        self.clip, self.threshold = plan.clip, plan.threshold
-
-    def __call__(self, i, row, x, out, x0_prev, noise, x0_prev2=None):
-        from dtk.runtime.samplers import update
-
-        return update(row, x, out, x0_prev, noise, self.clip, x0_prev2, self.threshold)
+    return generic_loop(denoise, x, plan, noise, callback)
 
 
 def child_overhead(bundle: str, threads: int, rounds: int) -> dict:
@@ -158,11 +161,11 @@ def child_overhead(bundle: str, threads: int, rounds: int) -> dict:
     from dtk.runtime import Pipeline
     from dtk.runtime.samplers import host
 
-    in_place = host.HostUpdate
-    ways = (("", in_place), ("_before", GenericUpdate))
+    in_place = host.host_loop
+    ways = (("", in_place), ("_before", generic_loop))
 
-    def timed(pipeline, sampler, seed, update_class):
-        host.HostUpdate = update_class
+    def timed(pipeline, sampler, seed, loop):
+        host.host_loop = loop
         start = time.perf_counter()
         pipeline.sample(num=1, steps=steps, sampler=sampler, seed=seed)
         return time.perf_counter() - start
@@ -185,12 +188,12 @@ def child_overhead(bundle: str, threads: int, rounds: int) -> dict:
                 for _ in range(steps):
                     pipe.denoiser(x, t)
                 times["bare"].append(time.perf_counter() - start)
-                for suffix, update_class in ways if r % 2 == 0 else ways[::-1]:  # each goes first in turn
+                for suffix, loop in ways if r % 2 == 0 else ways[::-1]:  # each goes first in turn
                     denoiser.seconds = 0.0
-                    times["sample" + suffix].append(timed(measured, sampler, r, update_class))
+                    times["sample" + suffix].append(timed(measured, sampler, r, loop))
                     times["inside" + suffix].append(denoiser.seconds)
-                    times["loop" + suffix].append(timed(free, sampler, r, update_class))
-            host.HostUpdate = in_place
+                    times["loop" + suffix].append(timed(free, sampler, r, loop))
+            host.host_loop = in_place
             busy = BusyDenoiser(pipe.denoiser.batch_range, statistics.median(times["bare"]) / steps)
             waiting = Pipeline(pipe.manifest, busy)
             after_wait = []

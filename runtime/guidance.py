@@ -16,6 +16,7 @@ combination holds for them. s = 1 is the conditional model alone (one call), s =
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -87,7 +88,7 @@ def check_scale(guidance_scale, classes: dict | None) -> float:
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating)):
         raise DtkError(f"guidance scale must be a number, got {guidance_scale!r}")
     scale = float(guidance_scale)
-    if not np.isfinite(scale) or scale < 0:
+    if not math.isfinite(scale) or scale < 0:
         raise DtkError(f"guidance scale must be a finite number ≥ 0, got {guidance_scale!r}")
     if scale != 1.0 and (classes is None or classes.get("null_class") is None):
         what = (

@@ -11,6 +11,7 @@ an image.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -19,8 +20,11 @@ import numpy as np
 
 from dtk.runtime.backends.base import TimestepArrays
 from dtk.runtime.errors import DtkError, file_error
+from dtk.runtime.guidance import sampling_labels
+from dtk.runtime.images import to_uint8
 from dtk.runtime.integrity import check_onnx_files
 from dtk.runtime.manifest import Manifest, resolve_bundle
+from dtk.runtime.samplers import NoiseSource, make_plan, sample_loop
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
@@ -113,9 +117,6 @@ class Pipeline:
         per class); None samples the null class. With `guidance_scale` s ≠ 1, classifier-free guidance
         (`dtk.runtime.guidance`); an image without a class is then the unconditional sample, exactly as in a
         run of its own, so one call may mix labelled and unlabelled images."""
-        from dtk.runtime.guidance import sampling_labels
-        from dtk.runtime.samplers import NoiseSource, sample_loop
-
         max_batch = _renamed_batch_size(max_batch, deprecated)
 
         for value in [seed] if seeds is None else seeds:
@@ -133,7 +134,7 @@ class Pipeline:
             if latents.shape != (num, *shape):
                 raise DtkError(f"latents must be float32 {[num, *shape]}, got shape {list(latents.shape)}")
         total = len(chunks) * plan.steps
-        noisy_steps = int(plan.needs_noise.sum())
+        noisy_steps = plan.noisy_steps
         bar = _progress_bar(total, sampler) if progress else None
         done = 0
 
@@ -196,8 +197,6 @@ class Pipeline:
     def plan(self, sampler: str | None, steps: int, eta: float = 0.0):
         """The sampler's plan on this bundle's schedule (None: its default sampler), made once per
         (sampler, steps, eta)."""
-        from dtk.runtime.samplers import make_plan
-
         sampler = sampler or self.default_sampler
         key = (sampler, steps, eta)
         if key not in self._plans:
@@ -230,8 +229,6 @@ class Pipeline:
         **options,
     ) -> np.ndarray:
         """uint8 images [num, H, W, C]; the arguments are those of `sample_latents`."""
-        from dtk.runtime.images import to_uint8
-
         latents = self.sample_latents(
             num, steps, sampler, seed, eta, callback, max_batch, progress, seeds, **options
         )
@@ -395,7 +392,7 @@ def _check_sample_args(num, steps, sampler, eta, callback, max_batch) -> None:
         integer(max_batch, "max_batch")
     if sampler is not None and not isinstance(sampler, str):  # None: the bundle's default sampler
         raise DtkError(f"sampler must be a sampler name, got {sampler!r}")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating)) or not np.isfinite(eta):
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating)) or not math.isfinite(eta):
         raise DtkError(f"eta must be a finite number, got {eta!r}")
     if callback is not None and not callable(callback):
         raise DtkError(f"callback must be callable, got {callback!r}")

@@ -293,7 +293,7 @@ def test_footprint_times_the_generic_update_as_the_loop_ran_before(monkeypatch):
     for t, row in zip(plan.timesteps.tolist(), plan.coeffs.tolist(), strict=True):
         x, x0_prev = update(row, x, denoise(x, t), x0_prev, None, None)
     in_place = sample_loop(denoise, start, plan, None)
-    monkeypatch.setattr(host, "HostUpdate", footprint.GenericUpdate)
+    monkeypatch.setattr(host, "host_loop", footprint.generic_loop)
     before = sample_loop(denoise, start, plan, None)
     np.testing.assert_array_equal(before, x)  # "before" is the generic update, bit for bit
     np.testing.assert_allclose(in_place, x, rtol=1e-6, atol=1e-6)  # ddim fuses: float32 rounding only
@@ -307,8 +307,9 @@ def test_footprint_times_the_generic_update_as_the_loop_ran_before(monkeypatch):
 
 
 def test_footprint_splits_a_sample_into_the_denoiser_s_time_and_the_loop_s():
-    """timed_denoiser sums the time inside the calls and hides a backend's own chain, so the host loop runs;
-    BusyDenoiser waits about as long as asked and returns zeros."""
+    """timed_denoiser sums the time inside the calls; its chain is the host loop calling the timer, as the
+    ONNX Runtime backend's chain is on the CPU, never the backend's own. BusyDenoiser waits about as long as
+    asked and returns zeros."""
     import time
 
     from toy_manifest import toy_manifest
@@ -323,15 +324,20 @@ def test_footprint_splits_a_sample_into_the_denoiser_s_time_and_the_loop_s():
             raise AssertionError("the timer must keep the host loop")
 
         def __call__(self, sample, timestep):
+            self.timesteps.append(timestep)
             time.sleep(0.002)
             return super().__call__(sample, timestep)
 
-    timed = footprint.timed_denoiser(Chained((1, 2)))
-    assert timed.batch_range == (1, 2) and timed.run_chain is None
+    chained = Chained((1, 2))
+    chained.timesteps = []
+    timed = footprint.timed_denoiser(chained)
+    assert timed.batch_range == (1, 2)
+    pipeline = Pipeline(manifest, timed)
     start = time.perf_counter()
-    Pipeline(manifest, timed).sample(num=1, steps=4, sampler="ddim", seed=0)
+    pipeline.sample(num=1, steps=4, sampler="ddim", seed=0)
     total = time.perf_counter() - start
     assert 4 * 0.002 <= timed.seconds < total  # four calls inside, the loop's own time outside
+    assert chained.timesteps == pipeline.plan("ddim", 4).timesteps.tolist()  # int t, as the backend's chain
     busy = footprint.BusyDenoiser((1, 2), 0.001)
     start = time.perf_counter()
     out = busy(np.ones((1, 1, 2, 2), np.float32), np.zeros(1))

@@ -353,7 +353,7 @@ def tensorrt_ep_options(manifest: Manifest | None, path: Path) -> dict:
 
 
 # The sampler update as an ONNX graph (the samplers' `update`):
-#   x0 = clip(p*x + q*out);  x_next = a*x + b*out + c*x0 + d*x0_prev + e*noise
+#   x0 = clip(p*x + q*out);  x_next = a*x + b*out + c*x0 + d*x0_prev + e*noise, added up in update's order
 UPDATE_COEFFS = ("p", "q", "a", "b", "c", "d", "e")
 _UPDATE_NODES = [
     ("Mul", ["p", "x"], "px"),
@@ -365,10 +365,10 @@ _UPDATE_NODES = [
     ("Mul", ["c", "x0"], "cx0"),
     ("Mul", ["d", "x0_prev"], "dx0"),
     ("Mul", ["e", "noise"], "en"),
-    ("Add", ["ax", "bo"], "s1"),
-    ("Add", ["s1", "cx0"], "s2"),
-    ("Add", ["s2", "dx0"], "s3"),
-    ("Add", ["s3", "en"], "x_next"),
+    ("Add", ["ax", "dx0"], "s1"),
+    ("Add", ["s1", "en"], "s2"),
+    ("Add", ["s2", "bo"], "s3"),
+    ("Add", ["s3", "cx0"], "x_next"),
 ]
 _LATENTS = ("x", "out", "x0_prev", "noise")
 

@@ -106,9 +106,9 @@ __host__ __device__ inline void dtk_update_element(
     } else if (clip > 0.0f) {
         v = v < -clip ? -clip : (v > clip ? clip : v);
     }
-    float next = dtk_add_term(dtk_add_term(0.0f, a, x), b, out);
-    next = dtk_add_term(dtk_add_term(next, c, v), d, x0_prev);
+    float next = dtk_add_term(dtk_add_term(0.0f, a, x), d, x0_prev);  // update's order: a, d, d2, e, b, c
     next = dtk_add_term(dtk_add_term(next, d2, x0_prev2), e, noise);
+    next = dtk_add_term(dtk_add_term(next, b, out), c, v);
     *x_next = next;
     *x0 = v;
 }

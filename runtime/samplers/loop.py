@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 import numpy as np
 
+from dtk.runtime.samplers import host
 from dtk.runtime.samplers.plan import SamplerPlan, update
 
 
@@ -20,30 +20,27 @@ def sample_loop(
     callback(i, t, x) after each step; x is a new array every step (the loop never writes into one it handed
     out), so a callback may keep it. On numpy the update runs in place through a reused scratch buffer, with
     x0 skipped where it is linear and never read back (samplers/host.py): the generic `update` that other
-    array types get, bit for bit or, on fused steps, to float rounding."""
-    needs_noise = plan.needs_noise.tolist()  # plain Python values: the loop runs per step, on small arrays
-    if noise is None and any(needs_noise):
-        raise ValueError(f"{plan.name} adds noise on {sum(needs_noise)} steps: pass a noise source")
+    array types get (`generic_loop`), bit for bit or, on fused steps, to float rounding."""
+    if noise is None and plan.needs_noise.any():
+        raise ValueError(f"{plan.name} adds noise on {plan.needs_noise.sum()} steps: pass a noise source")
+    if type(x) is np.ndarray:
+        return host.host_loop(denoise, x, plan, noise, callback)
+    return generic_loop(denoise, x, plan, noise, callback)
+
+
+def generic_loop(denoise: Callable, x, plan: SamplerPlan, noise: Callable | None, callback=None):
+    """`sample_loop` with the generic `update`: every product and sum a new array of x's type."""
+    needs_noise = plan.needs_noise.tolist()  # plain Python values: the loop runs per step
     x0_prev = _zeros_like(x)
     x0_prev2 = _zeros_like(x) if plan.history == 2 else None
-    if type(x) is np.ndarray:
-        from dtk.runtime.samplers.host import HostUpdate
-
-        step = HostUpdate(plan, x)
-    else:
-        step = partial(_generic_update, clip=plan.clip, threshold=plan.threshold)
     for i, (t, row) in enumerate(zip(plan.timesteps.tolist(), plan.coeffs.tolist(), strict=True)):
         out = denoise(x, t)
         step_noise = noise(i) if needs_noise[i] else None
-        x, x0 = step(i, row, x, out, x0_prev, step_noise, x0_prev2)
+        x, x0 = update(row, x, out, x0_prev, step_noise, plan.clip, x0_prev2, plan.threshold)
         x0_prev, x0_prev2 = x0, x0_prev
         if callback is not None:
             callback(i, t, x)
     return x
-
-
-def _generic_update(i, row, x, out, x0_prev, noise, x0_prev2, *, clip, threshold):
-    return update(row, x, out, x0_prev, noise, clip, x0_prev2, threshold)
 
 
 def _zeros_like(x):

@@ -10,6 +10,8 @@ on small images, against 3 µs hot). Draws past the run's last step are simply n
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 BLOCK_BYTES = 4 << 20  # step noise drawn ahead, over all images of the batch
@@ -25,7 +27,7 @@ class NoiseSource:
         self._keys: list[tuple[int, int]] | None = None  # (seed, index) per image, when given explicitly
         self._generators: list[np.random.Generator] = []
         self._block: np.ndarray | None = None  # [K, num, C, H, W] drawn ahead
-        self._next = 0
+        self._next = 0  # the block's first step not handed out
 
     @classmethod
     def per_image(cls, seeds) -> NoiseSource:
@@ -53,7 +55,7 @@ class NoiseSource:
         which nothing writes into again)."""
         return self.stepper(num, shape_chw)(None)
 
-    def stepper(self, num: int, shape_chw, steps: int | None = None):
+    def stepper(self, num: int, shape_chw, steps: int | None = None) -> StepNoise:
         """→ noise(i), which gives what `step(num, shape_chw)` gives, its arguments checked here once: the
         host loop calls it between network evaluations, where every check runs with cold caches.
 
@@ -66,30 +68,47 @@ class NoiseSource:
         shape = tuple(int(s) for s in shape_chw)
         if self._block is not None and self._block.shape[2:] != shape:
             raise RuntimeError(f"NoiseSource.step: shape {shape} after {self._block.shape[2:]}")
+        return StepNoise(self, shape, steps)
 
-        remaining = steps  # draws still to come, or None
-
-        def noise(i):
-            nonlocal remaining
-            block = self._block
-            if block is None or self._next == len(block):
-                fit = max(1, BLOCK_BYTES // (4 * len(self._generators) * int(np.prod(shape))))
-                ahead = min(fit, MAX_BLOCK_STEPS if remaining is None else max(1, remaining))
-                remaining = None if remaining is None else remaining - ahead
-                block = self._draw_block(shape, ahead)
-            self._next += 1
-            return block[self._next - 1]
-
-        return noise
-
-    def _draw_block(self, shape, steps_ahead: int) -> np.ndarray:
-        # drawn per image [num, K, C, H, W], kept step-major so that each step is one contiguous view
-        self._block = np.ascontiguousarray(self._draw((steps_ahead, *shape)).swapaxes(0, 1))
-        self._next = 0
-        return self._block
+    def _steps(self, shape, count: int) -> np.ndarray:
+        """The next `count` steps' noise, [count, num, C, H, W]: drawn per image [num, K, C, H, W], kept
+        step-major so that each step is one contiguous view."""
+        return np.ascontiguousarray(self._draw((count, *shape)).swapaxes(0, 1))
 
     def _draw(self, shape) -> np.ndarray:
         noise = np.empty((len(self._generators), *(int(s) for s in shape)), dtype=np.float32)
         for generator, image in zip(self._generators, noise, strict=True):
             generator.standard_normal(dtype=np.float32, out=image)
         return noise
+
+
+class StepNoise:
+    """A run's step noise from one NoiseSource: `noise(i)` is the next draw [num, C, H, W] (i is not read);
+    `take()` hands out at once every draw held and not yet given, or else the next block: [K, num, C, H, W],
+    the same numbers. The host loop takes a block at a time and scales it by its steps' e in one operation."""
+
+    def __init__(self, source: NoiseSource, shape: tuple, steps: int | None):
+        self.source, self.shape = source, shape
+        self.remaining = steps  # draws not yet drawn, or None
+        self.fit = max(1, BLOCK_BYTES // (4 * len(source._generators) * math.prod(shape)))
+
+    def __call__(self, i) -> np.ndarray:
+        source = self.source
+        if source._block is None or source._next == len(source._block):
+            self._next_block()
+        source._next += 1
+        return source._block[source._next - 1]
+
+    def take(self) -> np.ndarray:
+        source = self.source
+        if source._block is None or source._next == len(source._block):
+            self._next_block()
+        start = source._next
+        source._next = len(source._block)
+        return source._block[start:]
+
+    def _next_block(self) -> None:
+        count = min(self.fit, MAX_BLOCK_STEPS if self.remaining is None else max(1, self.remaining))
+        if self.remaining is not None:
+            self.remaining = max(0, self.remaining - count)
+        self.source._block, self.source._next = self.source._steps(self.shape, count), 0

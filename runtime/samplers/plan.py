@@ -14,6 +14,10 @@ with scalars (p, q, a, b, c, d, e, d2) = coeffs[i]; x0_prev and x0_prev2 are the
   over all its pixels, clamped to [1, max_value]; x0 = clip(x0, -s, s) / s.
 Thresholding wins over clipping, as in diffusers.
 
+`update` adds up x_next in the order a, d, d2, e, b, c: the terms that do not read the network's output
+first, so that the host loop can sum them before the call, while its caches are warm (samplers/host.py),
+and still give these results bit for bit.
+
 Multistep solvers (DPM-Solver++(2M/3M), UniPC) are linear in the x0 history, so two history terms cover
 them; UniPC's corrector, which revises x_t with the new x0 before the predictor runs, folds into the same row
 (samplers/unipc.py). Stochastic samplers put their noise in e. Classifier-free guidance would combine two
@@ -81,6 +85,11 @@ class SamplerPlan:
         return needs
 
     @cached_property
+    def noisy_steps(self) -> int:
+        """How many steps add noise: the draws a run takes per image."""
+        return int(self.needs_noise.sum())
+
+    @cached_property
     def history(self) -> int:
         """How many past x0 the update reads: 1, or 2 where d2 is used."""
         return 2 if np.any(self.coeffs[:, 7] != 0) else 1
@@ -104,7 +113,7 @@ def update(row, x, out, x0_prev, noise, clip, x0_prev2=None, threshold: Threshol
         x0 = dynamic_threshold(x0, threshold)
     elif clip:
         x0 = x0.clip(-clip, clip)
-    x_next = _weighted_sum((a, x), (b, out), (c, x0), (d, x0_prev), (d2, x0_prev2), (e, noise))
+    x_next = _weighted_sum((a, x), (d, x0_prev), (d2, x0_prev2), (e, noise), (b, out), (c, x0))
     return x_next, x0
 
 

@@ -509,11 +509,12 @@ class FakeGpu:
                     v = (np.clip(v.reshape(gy, -1), -scale[:, None], scale[:, None]) / scale[:, None]).ravel()
                 elif clip > 0:
                     v = np.where(v < -clip, -clip, np.where(v > clip, clip, v))
-                nxt = a * xs + b * outs + c * v + d * x0s
+                nxt = a * xs + d * x0s  # in update's order: a, d, d2, e, b, c
                 if d2 != 0:
                     nxt = nxt + d2 * x0s_before
                 if e != 0:
                     nxt = nxt + e * gpu.view(noise, n, np.float32)
+                nxt = nxt + b * outs + c * v
                 x0s_before[:] = x0s
                 xs[:], x0s[:] = nxt, v
                 if x_copy:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dtk.runtime.samplers import SAMPLERS, NoiseSource, make_plan, sample_loop, update
-from dtk.runtime.samplers.host import HostUpdate, fused_rows
+from dtk.runtime.samplers.host import compiled, fused_rows
+from dtk.runtime.samplers.loop import generic_loop
 from dtk.runtime.schedule import DiffusionConfig
 
 SHAPE = (1, 3, 3)
@@ -69,30 +70,83 @@ def test_loop_is_the_generic_update_and_never_overwrites_what_it_handed_out(samp
 
 
 def test_other_arrays_take_the_generic_update():
+    """A float16 network: its steps take the generic update (products in float16, sums in float32), and the
+    two steps after one read its x0 through the generic update too."""
     plan = make_plan("dpmpp-3m", CONFIGS["clip"], 6)
-    x = np.linspace(-2, 2, 18, dtype=np.float32).reshape(2, *SHAPE)
-    step = HostUpdate(plan, x)
-    row = plan.coeffs[3].tolist()
-    half = denoise(x, 500).astype(np.float16)  # a float16 network: products in float16, sums in float32
-    prev, prev2 = x * 0.5, x * 0.25
-    got_x, got_x0 = step(3, row, x, half, prev, None, prev2)
-    want_x, want_x0 = update(row, x, half, prev, None, plan.clip, prev2)
-    np.testing.assert_array_equal(got_x, want_x)
-    np.testing.assert_array_equal(got_x0, want_x0)
+    start = np.linspace(-2, 2, 18, dtype=np.float32).reshape(2, *SHAPE)
+
+    def half(x, t):
+        return denoise(x, t).astype(np.float16)
+
+    def mixed(x, t):  # float16 on step 2 only
+        return half(x, t) if t == plan.timesteps[2] else denoise(x, t)
+
+    for network in (half, mixed):
+        got = sample_loop(network, start.copy(), plan, None)
+        want = generic_loop(network, start.copy(), plan, None)
+        np.testing.assert_array_equal(got, want)
     # torch tensors run the same loop through the generic update and agree to float32 rounding
-    source = NoiseSource(0)
-    start = source.initial(2, SHAPE)
-    host = sample_loop(denoise, start.copy(), plan, None)
+    host_result = sample_loop(denoise, start.copy(), plan, None)
     reference = sample_loop(denoise, torch.from_numpy(start.copy()), plan, None)
-    np.testing.assert_allclose(reference.numpy(), host, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(reference.numpy(), host_result, rtol=0, atol=2e-6)
 
 
 def test_a_plan_compiles_its_host_steps_once_per_dtype():
-    plan = make_plan("dpmpp-2m", CONFIGS["clip"], 6)
-    x = np.zeros((2, *SHAPE), dtype=np.float32)
-    first, again = HostUpdate(plan, x), HostUpdate(plan, x.copy())
-    assert again.programs is first.programs  # kept with the plan: a run pays nothing to compile
-    double = HostUpdate(plan, x.astype(np.float64))
-    assert double.programs is not first.programs
-    assert all(c.dtype == np.float64 for _, terms in double.programs for _, c in terms)
+    plan = make_plan("dpmpp-2m-sde", CONFIGS["clip"], 6)
+    first, again = compiled(plan, np.float32), compiled(plan, np.dtype("float32"))
+    assert again is first  # kept with the plan: a run pays nothing to compile
+    double = compiled(plan, np.float64)
+    assert double is not first
+    coefficients = []
+    for _, e, ahead, p, q, behind in double:
+        pairs = ((ahead[0], *ahead[1]) if ahead else ()) + behind
+        coefficients += [c for _, c in pairs] + [c for c in (e, p, q) if c is not None]
+    assert coefficients and all(c.dtype == np.float64 and c.ndim == 0 for c in coefficients)
+    assert [t for t, *_ in first] == plan.timesteps.tolist()
+    assert [e is not None for _, e, *_ in first] == plan.needs_noise.tolist()
+    assert [float(e) for _, e, *_ in double if e is not None] == plan.coeffs[plan.needs_noise, 6].tolist()
     assert plan.needs_noise is plan.needs_noise and not plan.needs_noise.flags.writeable
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpmpp-2m-sde", "euler-ancestral"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_noise_taken_a_block_at_a_time_is_the_same_as_drawn_step_by_step(monkeypatch, sampler, dtype):
+    """A NoiseSource stepper offers take(): the loop scales a block of draws at once (two steps here). Bit
+    for bit the images of one draw per step; float64 samples with float32 noise take the raw draws through
+    the generic update, as they did step by step."""
+    from dtk.runtime.samplers import noise as noise_module
+
+    monkeypatch.setattr(noise_module, "BLOCK_BYTES", 2 * 2 * 4 * int(np.prod(SHAPE)))  # two steps of 2 images
+    plan = make_plan(sampler, CONFIGS["clip"], 9)
+
+    def run(blocks: bool):
+        source = NoiseSource(5)
+        x = source.initial(2, SHAPE).astype(dtype)
+        stepper = source.stepper(2, SHAPE, int(plan.needs_noise.sum()))
+        if not blocks:
+            return sample_loop(denoise, x, plan, lambda i: stepper(i)), []  # a plain callable: no take()
+        taken = []
+        take = stepper.take
+        stepper.take = lambda: taken.append(len(block := take())) or block
+        return sample_loop(denoise, x, plan, stepper), taken
+
+    by_block, taken = run(True)
+    by_step, _ = run(False)
+    np.testing.assert_array_equal(by_block, by_step)
+    noisy = int(plan.needs_noise.sum())
+    assert sum(taken) == noisy and set(taken[:-1]) == {2}
+
+
+def test_take_gives_the_draws_noise_would_give_across_blocks(monkeypatch):
+    from dtk.runtime.samplers import noise as noise_module
+
+    shape = (1, 2, 2)
+    a, b = NoiseSource(8), NoiseSource(8)
+    a.initial(3, shape), b.initial(3, shape)
+    want = np.stack([b.step(3, shape).copy() for _ in range(8)])  # one draw per step, nothing ahead
+    monkeypatch.setattr(noise_module, "BLOCK_BYTES", 2 * 3 * 4 * 4)  # two steps of three images
+    mixed = a.stepper(3, shape, 8)
+    got = [mixed(0)[None], mixed.take(), mixed.take(), mixed(5)[None], mixed.take(), mixed.take()]
+    assert [len(g) for g in got] == [1, 1, 2, 1, 1, 2]  # what the block held, or the next block of two
+    np.testing.assert_array_equal(np.concatenate(got), want)
+    assert mixed.remaining == 0

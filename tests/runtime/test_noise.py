@@ -123,7 +123,7 @@ def test_a_stepper_told_the_count_draws_exactly_that_and_the_same_numbers(monkey
     assert np.array_equal(told.initial(2, shape), per_step.initial(2, shape))
     noise = told.stepper(2, shape, steps=5)
     drawn = [noise(i).copy() for i in range(5)]
-    assert told._block.shape == (5, 2, *shape)  # one block of the five steps asked for, nothing past them
+    assert told._block.shape == (5, 2, *shape) and noise.remaining == 0  # one block, nothing past the five
     drawn.append(noise(5))  # one more than told: drawn then, still the stream's next numbers
     for got in drawn:
         np.testing.assert_array_equal(got, per_step.step(2, shape))
