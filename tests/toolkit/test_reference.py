@@ -55,7 +55,7 @@ def test_torch_sampling_equals_the_numpy_loop(checkpoint, sampler):
     expected = sample_loop(
         denoise, source.initial(2, (1, 16, 16)), plan, lambda i: source.step(2, (1, 16, 16))
     )
-    np.testing.assert_allclose(images, expected, atol=1e-5)
+    np.testing.assert_allclose(images, expected, rtol=1e-6, atol=1e-5)  # values up to ~60: float32 rounding
 
 
 def test_same_seed_same_images_whatever_the_batch(checkpoint):
