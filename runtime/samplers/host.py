@@ -37,11 +37,11 @@ def host_loop(denoise: Callable, x: np.ndarray, plan: SamplerPlan, noise, callba
 
     Where `noise` offers `take()` (a NoiseSource stepper), the draws of the coming noisy steps are taken a
     block at a time and multiplied by their steps' e in one operation, bit for bit e·noise step by step.
-    A step whose network output or noise is not an array of x's dtype and shape (a float16 network, for one)
-    takes the generic `update`, as do the two steps after it: they read its x0."""
+    From the first step whose network output or noise is not an array of x's dtype and shape (a float16
+    network, for one), the run takes the generic `update`."""
     dtype, shape = x.dtype, x.shape
     program = compiled(plan, dtype)
-    rows = plan.coeffs.tolist()  # for a step that takes the generic update
+    rows = plan.coeffs.tolist()  # for the steps that take the generic update
     clip, threshold = plan.clip, plan.threshold
     bounds = (np.array(-clip, dtype), np.array(clip, dtype)) if clip else None
     scratch = np.empty(shape, dtype)
@@ -49,10 +49,10 @@ def host_loop(denoise: Callable, x: np.ndarray, plan: SamplerPlan, noise, callba
     take = getattr(noise, "take", None)
     noise_es = [e for _, e, *_ in program if e is not None]  # e of each noisy step, in order
     pending, drawn = [], 0  # the block's e·noise (or its raw draws), last step first; noisy steps done
-    x0_prev = np.zeros(shape, dtype)
-    x0_prev2 = x0_prev
-    generic_until = 0  # the steps before this one take the generic update
-    for i, (t, e, ahead, x0_ahead, x0_behind, behind) in enumerate(program):
+    carry = np.zeros(shape, dtype)  # what the step before handed on: x0, or the next step's d·x0
+    carry_before = carry
+    generic, before = False, None  # the generic update from here on; the step before's (row, x, out)
+    for i, (t, e, ahead, adds_carry, carry_x, carry_out, behind) in enumerate(program):
         step_noise, scaled = None, False
         if e is not None:
             if take is None:
@@ -62,42 +62,42 @@ def host_loop(denoise: Callable, x: np.ndarray, plan: SamplerPlan, noise, callba
                     pending = _noise_block(take, noise_es[drawn:], dtype, shape)
                 step_noise, scaled = pending.pop()
             drawn += 1
-        in_place = i >= generic_until and (step_noise is None or scaled or _fits(step_noise, dtype, shape))
-        if in_place:  # ahead of the call: x_next's terms without `out`, and p·x of x0
-            arrays = [x, None, None, x0_prev, x0_prev2]
-            total = partial_x0 = None
+        if not (generic or step_noise is None or scaled or _fits(step_noise, dtype, shape)):
+            generic, carry = True, _generic_x0(plan, program, i, carry, before)
+        if not generic:  # ahead of the call: x_next's terms without `out`, and carry_x·x
+            arrays = [x, None, None, carry, carry_before]
+            total = made = None
             if ahead is not None:
                 (slot, coefficient), rest = ahead
                 total = multiply(arrays[slot], coefficient)
                 for slot, coefficient in rest:  # positional `out`: the keyword costs more than the arithmetic
                     multiply(arrays[slot], coefficient, scratch)
                     add(total, scratch, total)
+            if adds_carry:  # d·x0, made by the step before
+                total = carry.copy() if total is None else add(total, carry, total)
             if step_noise is not None:
                 term = step_noise if scaled else multiply(step_noise, e, scratch)
-                if total is None:
-                    total = term.copy()
-                else:
-                    add(total, term, total)
-            if x0_ahead is not None:
-                partial_x0 = multiply(x, x0_ahead)
+                total = term.copy() if total is None else add(total, term, total)
+            if carry_x is not None:
+                made = multiply(x, carry_x)
 
         out = denoise(x, t)
 
-        if in_place and type(out) is ndarray and out.dtype == dtype and out.shape == shape:
-            x0 = None
-            if x0_behind is not None or partial_x0 is not None:  # x0 = p·x + q·out, then its transform
-                if partial_x0 is None:
-                    x0 = multiply(out, x0_behind)
+        if not (generic or (type(out) is ndarray and out.dtype == dtype and out.shape == shape)):
+            generic, carry = True, _generic_x0(plan, program, i, carry, before)
+        if not generic:
+            if carry_out is not None:  # the carry: x0 = T(p·x + q·out), or d'·x0 for the next step
+                if made is None:
+                    made = multiply(out, carry_out)
                 else:
-                    x0 = partial_x0
-                    if x0_behind is not None:
-                        multiply(out, x0_behind, scratch)
-                        add(x0, scratch, x0)
+                    multiply(out, carry_out, scratch)
+                    add(made, scratch, made)
+            if made is not None:
                 if threshold is not None:
-                    x0 = dynamic_threshold(x0, threshold)
+                    made = dynamic_threshold(made, threshold)
                 elif bounds is not None:
-                    _clip(x0, *bounds, x0)
-                arrays[X0] = x0
+                    _clip(made, *bounds, made)
+                arrays[X0] = made
             arrays[OUT] = out
             for slot, coefficient in behind:
                 if total is None:
@@ -105,16 +105,27 @@ def host_loop(denoise: Callable, x: np.ndarray, plan: SamplerPlan, noise, callba
                 else:
                     multiply(arrays[slot], coefficient, scratch)
                     add(total, scratch, total)
+            before = (x, out)
             x = total
         else:
             row = rows[i] if not scaled else [*rows[i][:NOISE_COEFF], 1.0, *rows[i][NOISE_COEFF + 1 :]]
-            x, x0 = update(row, x, out, x0_prev, step_noise, clip, x0_prev2, threshold)
-            if not (_fits(x, dtype, shape) and _fits(x0, dtype, shape)):
-                generic_until = i + 3
-        x0_prev, x0_prev2 = x0, x0_prev
+            x, made = update(row, x, out, carry, step_noise, clip, carry_before, threshold)
+        carry, carry_before = made, carry
         if callback is not None:
             callback(i, t, x)
     return x
+
+
+def _generic_x0(plan: SamplerPlan, program: list, i: int, carry, before):
+    """The x0 of the step before i as the generic update has it, where the in-place loop hands step i the
+    carry: x0 itself, or d·x0 on a plan that carries the term (then x0 again from that step's x and out)."""
+    if i == 0 or not program[i][3]:  # x0 itself, or a term the generic update does not read (d = 0)
+        return carry
+    p, q = plan.coeffs[i - 1, :2].tolist()
+    x, out = before
+    return update([p, q, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], x, out, None, None, plan.clip, None, plan.threshold)[
+        1
+    ]
 
 
 def _noise_block(take, es: list, dtype, shape) -> list:
@@ -136,58 +147,74 @@ def _fits(array, dtype, shape) -> bool:
 
 
 def compiled(plan: SamplerPlan, dtype) -> list:
-    """Per step of `plan` on arrays of `dtype`: (t, e, ahead, x0 ahead, x0 behind, behind), made once per plan
-    and dtype (kept with the plan). `e` is the noise coefficient, None on a step without noise; `ahead` is
-    x_next's first (slot, coefficient) pair before the network call and the other pairs, or None (the noise
-    term follows them); `behind` the pairs after the call; `x0 ahead` and `x0 behind` are p and q of x0, or
-    None where zero (both None: the step does not need x0)."""
+    """Per step of `plan` on arrays of `dtype`: (t, e, ahead, adds carry, carry x, carry out, behind), made
+    once per plan and dtype (kept with the plan).
+
+    `e` is the noise coefficient, None on a step without noise. `ahead` is x_next's first (slot, coefficient)
+    pair before the network call and the other pairs, or None; the step's carry from the step before (if it
+    adds it) and its noise follow them. `behind` are the pairs after the call. `carry x` and `carry out` are
+    the coefficients on x and out of what the step hands the next steps (None where zero, both None where
+    nothing): x0 = T(p·x + q·out), or, on a linear plan with one x0 of history, the next step's whole term
+    d'·x0, so that the next step adds it without a product."""
     dtype = np.dtype(dtype)
     return plan.derived(("host", dtype.str), lambda plan: _compile(plan, dtype))
 
 
 def _compile(plan: SamplerPlan, dtype) -> list:
-    rows = zip(plan.timesteps.tolist(), plan.coeffs.tolist(), fused_rows(plan), strict=True)
-    return [(t, *_program(row, fused, dtype)) for t, row, fused in rows]
+    coeffs = plan.coeffs.tolist()
+    fused = fused_rows(plan)
+    carries_term = fused[0] is not None and plan.history == 1  # linear, one x0 of history: carry d'·x0
+    steps = []
+    for i, (t, row) in enumerate(zip(plan.timesteps.tolist(), coeffs, strict=True)):
+        next_d = coeffs[i + 1][5] if i + 1 < len(coeffs) else 0.0
+        after_d2 = coeffs[i + 2][7] if i + 2 < len(coeffs) else 0.0
+        carry_scale = None  # the carry is x0; with carries_term, d' of the next step times x0
+        if carries_term:
+            carry_scale = next_d
+        steps.append((t, *_program(row, fused[i], next_d != 0.0 or after_d2 != 0.0, carry_scale, dtype)))
+    return steps
 
 
-def _program(row, fused, dtype) -> tuple:
-    """(e, ahead, x0 ahead, x0 behind, behind) of one step: the non-zero terms, in update's order. Where every
-    term of x0 or of x_next is zero, x·0, as the generic update. Each coefficient is a 0-d array of the
-    sample's dtype: the value a Python float takes in the product anyway, without the ufunc's promotion of a
-    Python scalar (about 0.7 µs a product)."""
+def _program(row, fused, read_later: bool, carry_scale, dtype) -> tuple:
+    """(e, ahead, adds carry, carry x, carry out, behind) of one step: the non-zero terms, in update's order
+    (fused: x_next on x and out directly, where x0 is linear). Where every term of x0 or of x_next is zero,
+    x·0, as the generic update. Each coefficient is a 0-d array of the sample's dtype: the value a Python
+    float takes in the product anyway, without the ufunc's promotion of a Python scalar (about 0.7 µs a
+    product)."""
 
     def terms(*pairs):
         return tuple((slot, np.array(c, dtype)) for slot, c in pairs if c != 0.0)
 
+    p, q, a, b, c, d, e, d2 = row
+    adds_carry = False
     if fused is not None:
-        a, b, d, e, d2 = fused
-        ahead, behind = terms((X, a), (X0_PREV, d), (X0_PREV2, d2)), terms((OUT, b))
-        x0_ahead = x0_behind = None
+        a_fused, b_fused, d, e, d2 = fused
+        adds_carry = carry_scale is not None and d != 0.0  # the step before made d·x0
+        ahead = terms((X, a_fused), (X0_PREV, 0.0 if adds_carry else d), (X0_PREV2, d2))
+        behind = terms((OUT, b_fused))
+        if carry_scale is not None:  # this step's carry: the next step's d'·x0, or nothing
+            p, q = p * carry_scale, q * carry_scale
+            read_later = carry_scale != 0.0
     else:
-        p, q, a, b, c, d, e, d2 = row
         ahead, behind = terms((X, a), (X0_PREV, d), (X0_PREV2, d2)), terms((OUT, b), (X0, c))
-        x0_ahead = np.array(p, dtype) if p != 0.0 or q == 0.0 else None  # p = q = 0: x0 = x·0
-        x0_behind = np.array(q, dtype) if q != 0.0 else None
-    if not ahead and not behind and e == 0.0:
+        read_later = True  # x0 is read by this step's c
+    carry_x = carry_out = None
+    if read_later:
+        carry_x = np.array(p, dtype) if p != 0.0 or q == 0.0 else None  # p = q = 0: x·0
+        carry_out = np.array(q, dtype) if q != 0.0 else None
+    if not ahead and not behind and not adds_carry and e == 0.0:
         ahead = ((X, np.array(0.0, dtype)),)
     noise = np.array(e, dtype) if e != 0.0 else None
-    return noise, ((ahead[0], ahead[1:]) if ahead else None), x0_ahead, x0_behind, behind
+    return noise, ((ahead[0], ahead[1:]) if ahead else None), adds_carry, carry_x, carry_out, behind
 
 
 def fused_rows(plan: SamplerPlan) -> list:
     """Per step, the fused coefficients (a + c·p, b + c·q, d, e, d2) of x_next on (x, out, x0_prev, noise,
-    x0_prev2) where x0 is linear (no clipping, no thresholding) and no later step reads it; else None.
-
-    DDIM, DDPM and the Euler samplers then skip x0 altogether: 3 array operations a step instead of 8 (5 with
-    noise). The coefficients are summed in float64, so x_next can differ from the unfused update in the last
-    bit of float32."""
+    x0_prev2) where x0 is linear (no clipping, no thresholding); else None. x_next then never reads this
+    step's x0, and DDIM, DDPM and the Euler samplers, which read no x0 history, skip x0 altogether: 3 array
+    operations a step instead of 8 (5 with noise). The coefficients are summed in float64, so x_next can
+    differ from the unfused update in the last bit of float32."""
     coeffs = plan.coeffs
     if plan.clip or plan.threshold is not None:
         return [None] * len(coeffs)
-    read_later = np.zeros(len(coeffs), dtype=bool)
-    read_later[:-1] |= coeffs[1:, 5] != 0  # d of the next step
-    read_later[:-2] |= coeffs[2:, 7] != 0  # d2 of the step after
-    return [
-        None if read else (a + c * p, b + c * q, d, e, d2)
-        for read, (p, q, a, b, c, d, e, d2) in zip(read_later.tolist(), coeffs.tolist(), strict=True)
-    ]
+    return [(a + c * p, b + c * q, d, e, d2) for p, q, a, b, c, d, e, d2 in coeffs.tolist()]

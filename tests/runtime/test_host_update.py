@@ -56,12 +56,12 @@ def test_loop_is_the_generic_update_and_never_overwrites_what_it_handed_out(samp
     assert len(kept) == 12 and all(k.dtype == dtype for k in kept)
     fused = [row is not None for row in fused_rows(plan)]
     first_fused = fused.index(True) if any(fused) else len(fused)
-    tolerance = 64 * np.finfo(dtype).eps  # 12 steps of a few roundings each, compounded
     for step, (got, want) in enumerate(zip(kept, expected, strict=True)):
         if step < first_fused:  # in place, term by term: bit for bit
             np.testing.assert_array_equal(got, want, err_msg=f"{sampler} {config}: step {step}")
-        else:  # fused coefficients: the rounding of the coefficient sums only
-            np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance, err_msg=f"step {step}")
+        else:  # fused coefficients, and d·x0 carried whole: a few roundings of the largest term, compounded
+            scale = 64 * np.finfo(dtype).eps * np.abs(want).max()
+            np.testing.assert_allclose(got, want, rtol=0, atol=scale, err_msg=f"{sampler} step {step}")
     assert final is kept[-1]
     assert any(fused) == (config == "plain")  # linear x0: at least the last step fuses
     if sampler in ("ddim", "ddpm", "euler", "euler-ancestral") and config == "plain":
@@ -70,8 +70,8 @@ def test_loop_is_the_generic_update_and_never_overwrites_what_it_handed_out(samp
 
 
 def test_other_arrays_take_the_generic_update():
-    """A float16 network: its steps take the generic update (products in float16, sums in float32), and the
-    two steps after one read its x0 through the generic update too."""
+    """A float16 network: its steps take the generic update (products in float16, sums in float32); from
+    the first such output on, every step does, as the generic loop."""
     plan = make_plan("dpmpp-3m", CONFIGS["clip"], 6)
     start = np.linspace(-2, 2, 18, dtype=np.float32).reshape(2, *SHAPE)
 
@@ -98,7 +98,7 @@ def test_a_plan_compiles_its_host_steps_once_per_dtype():
     double = compiled(plan, np.float64)
     assert double is not first
     coefficients = []
-    for _, e, ahead, p, q, behind in double:
+    for _, e, ahead, _, p, q, behind in double:
         pairs = ((ahead[0], *ahead[1]) if ahead else ()) + behind
         coefficients += [c for _, c in pairs] + [c for c in (e, p, q) if c is not None]
     assert coefficients and all(c.dtype == np.float64 and c.ndim == 0 for c in coefficients)
@@ -150,3 +150,30 @@ def test_take_gives_the_draws_noise_would_give_across_blocks(monkeypatch):
     assert [len(g) for g in got] == [1, 1, 2, 1, 1, 2]  # what the block held, or the next block of two
     np.testing.assert_array_equal(np.concatenate(got), want)
     assert mixed.remaining == 0
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp-2m", "dpmpp-2m-sde"])
+def test_a_linear_plan_with_one_x0_of_history_carries_the_term_whole(sampler):
+    """Linear x0, one x0 of history: a step hands the next d'·x0 (d' the next step's d), which that step adds
+    without a product. A float16 output mid-run turns the run generic, from the true x0 of the step before."""
+    plan = make_plan(sampler, CONFIGS["plain"], 8)
+    program = compiled(plan, np.float64)
+    p, q, d = plan.coeffs[:, 0], plan.coeffs[:, 1], plan.coeffs[:, 5]
+    assert [adds for _, _, _, adds, *_ in program] == (d != 0).tolist()
+    for i, (_, _, _, _, carry_x, carry_out, _) in enumerate(program[:-1]):
+        if d[i + 1] == 0:  # the next step reads no x0: nothing carried
+            assert carry_x is None and carry_out is None
+        else:
+            assert float(carry_x) == pytest.approx(d[i + 1] * p[i])
+            assert float(carry_out) == pytest.approx(d[i + 1] * q[i])
+    assert program[-1][4] is None and program[-1][5] is None  # nothing after the last step
+
+    def mixed(x, t):  # float16 on step 4 only
+        out = denoise(x, t)
+        return out.astype(np.float16) if t == plan.timesteps[4] else out
+
+    start = np.linspace(-2, 2, 18, dtype=np.float32).reshape(2, *SHAPE)
+    noise_table = {i: NoiseSource(i).initial(2, SHAPE) for i in range(plan.steps)}
+    got = sample_loop(mixed, start.copy(), plan, noise_table.get)
+    want = generic_loop(mixed, start.copy(), plan, noise_table.get)
+    np.testing.assert_allclose(got, want, rtol=0, atol=64 * np.finfo(np.float32).eps * np.abs(want).max())
