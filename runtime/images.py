@@ -32,10 +32,7 @@ def to_uint8(x) -> np.ndarray:
     np.add(scaled, 1.0, scaled)
     np.multiply(scaled, 127.5, scaled)
     np.rint(scaled, scaled)
-    n, c, h, w = x.shape
-    pixels = np.empty((n, h, w, c), dtype=np.uint8)
-    np.copyto(pixels, scaled.transpose(0, 2, 3, 1), casting="unsafe")
-    return pixels
+    return np.ascontiguousarray(scaled.astype(np.uint8).transpose(0, 2, 3, 1))
 
 
 def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> np.ndarray:

@@ -48,19 +48,19 @@ def host_loop(denoise: Callable, x: np.ndarray, plan: SamplerPlan, noise, callba
     multiply, add, ndarray = np.multiply, np.add, np.ndarray
     take = getattr(noise, "take", None)
     noise_es = [e for _, e, *_ in program if e is not None]  # e of each noisy step, in order
-    pending, drawn = [], 0  # the block's e·noise (or its raw draws), last step first; noisy steps done
+    pending, scaled, drawn = [], False, 0  # the block's e·noise (or raw draws), last step first; steps done
     carry = np.zeros(shape, dtype)  # what the step before handed on: x0, or the next step's d·x0
     carry_before = carry
     generic, before = False, None  # the generic update from here on; the step before's (row, x, out)
     for i, (t, e, ahead, adds_carry, carry_x, carry_out, behind) in enumerate(program):
-        step_noise, scaled = None, False
+        step_noise = None
         if e is not None:
             if take is None:
                 step_noise = noise(i)
             else:
                 if not pending:
-                    pending = _noise_block(take, noise_es[drawn:], dtype, shape)
-                step_noise, scaled = pending.pop()
+                    pending, scaled = _noise_block(take, noise_es[drawn:], dtype, shape)
+                step_noise = pending.pop()
             drawn += 1
         if not (generic or step_noise is None or scaled or _fits(step_noise, dtype, shape)):
             generic, carry = True, _generic_x0(plan, program, i, carry, before)
@@ -76,7 +76,7 @@ def host_loop(denoise: Callable, x: np.ndarray, plan: SamplerPlan, noise, callba
             if adds_carry:  # d·x0, made by the step before
                 total = carry.copy() if total is None else add(total, carry, total)
             if step_noise is not None:
-                term = step_noise if scaled else multiply(step_noise, e, scratch)
+                term = step_noise if scaled else multiply(step_noise, e, scratch)  # (a raw draw: fits)
                 total = term.copy() if total is None else add(total, term, total)
             if carry_x is not None:
                 made = multiply(x, carry_x)
@@ -108,7 +108,9 @@ def host_loop(denoise: Callable, x: np.ndarray, plan: SamplerPlan, noise, callba
             before = (x, out)
             x = total
         else:
-            row = rows[i] if not scaled else [*rows[i][:NOISE_COEFF], 1.0, *rows[i][NOISE_COEFF + 1 :]]
+            row = rows[i]
+            if step_noise is not None and scaled:  # the draw already carries its e
+                row = [*row[:NOISE_COEFF], 1.0, *row[NOISE_COEFF + 1 :]]
             x, made = update(row, x, out, carry, step_noise, clip, carry_before, threshold)
         carry, carry_before = made, carry
         if callback is not None:
@@ -128,17 +130,17 @@ def _generic_x0(plan: SamplerPlan, program: list, i: int, carry, before):
     ]
 
 
-def _noise_block(take, es: list, dtype, shape) -> list:
-    """The next block of step noise from `take`, as far as the noisy steps `es` (their e, in order) go: each
-    draw times its step's e (one multiplication for the block), paired with True; or the raw draws, paired
-    with False, where they are not arrays of the loop's dtype and shape. Last step first, for `pop`."""
+def _noise_block(take, es: list, dtype, shape) -> tuple[list, bool]:
+    """The next block of step noise from `take`, as far as the noisy steps `es` (their e, in order) go, last
+    step first (for `pop`), and whether it is scaled: each draw times its step's e (one multiplication for
+    the block), or the raw draws where they are not arrays of the loop's dtype and shape."""
     draws = take()
     count = min(len(draws), len(es))
     draws = draws[:count]
     if type(draws) is np.ndarray and draws.dtype == dtype and draws.shape == (count, *shape):
         factors = np.array(es[:count], dtype).reshape(count, *(1,) * len(shape))
-        return [(term, True) for term in reversed(list(np.multiply(draws, factors)))]
-    return [(draw, False) for draw in reversed(list(draws))]
+        return list(np.multiply(draws, factors))[::-1], True
+    return list(draws)[::-1], False
 
 
 def _fits(array, dtype, shape) -> bool:
