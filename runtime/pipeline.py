@@ -161,7 +161,7 @@ class Pipeline:
                 else:  # a run padded past `keep` repeats the last seed; those images are dropped
                     chunk = list(seeds[first : first + keep])
                     source = NoiseSource.per_image(chunk + chunk[-1:] * (run - keep))
-                x = source.initial(run, shape)
+                x = source.initial(run, shape, noisy_steps)
                 if latents is not None:  # drawn all the same: the step noise that follows stays the same
                     x[:keep] = latents[first : first + keep]
                 noise = source.stepper(run, shape, noisy_steps)

@@ -21,8 +21,8 @@ def sample_loop(
     out), so a callback may keep it. On numpy the update runs in place through a reused scratch buffer, with
     x0 skipped where it is linear and never read back (samplers/host.py): the generic `update` that other
     array types get (`generic_loop`), bit for bit or, on fused steps, to float rounding."""
-    if noise is None and plan.needs_noise.any():
-        raise ValueError(f"{plan.name} adds noise on {plan.needs_noise.sum()} steps: pass a noise source")
+    if noise is None and plan.noisy_steps:
+        raise ValueError(f"{plan.name} adds noise on {plan.noisy_steps} steps: pass a noise source")
     if type(x) is np.ndarray:
         return host.host_loop(denoise, x, plan, noise, callback)
     return generic_loop(denoise, x, plan, noise, callback)

@@ -38,8 +38,11 @@ class NoiseSource:
             raise ValueError(f"seeds must be non-negative, got {list(seeds)}")
         return source
 
-    def initial(self, num: int, shape_chw) -> np.ndarray:
-        """float32 [num, C, H, W]: the starting latents of images first_index .. first_index + num − 1."""
+    def initial(self, num: int, shape_chw, steps: int = 0) -> np.ndarray:
+        """float32 [num, C, H, W]: the starting latents of images first_index .. first_index + num − 1.
+
+        `steps`: the noisy steps the run will take. The first block of their noise is then drawn in the same
+        call as the latents, one call per image, and held for `stepper`: the same numbers."""
         if num < 1:
             raise ValueError(f"num must be at least 1, got {num}")
         if self._generators:
@@ -48,7 +51,12 @@ class NoiseSource:
         if len(keys) != num:
             raise ValueError(f"NoiseSource.initial({num}) for {len(keys)} per-image seeds")
         self._generators = [np.random.Generator(np.random.PCG64(list(key))) for key in keys]
-        return self._draw(shape_chw)
+        shape = tuple(int(s) for s in shape_chw)
+        ahead = min(steps, max(1, BLOCK_BYTES // (4 * num * math.prod(shape)))) if steps > 0 else 0
+        draws = self._draw((1 + ahead, *shape))  # per image: its latent, then its first steps' noise
+        if ahead:
+            self._block, self._next = np.ascontiguousarray(draws[:, 1:].swapaxes(0, 1)), 0
+        return np.ascontiguousarray(draws[:, 0])
 
     def step(self, num: int, shape_chw) -> np.ndarray:
         """float32 [num, C, H, W]: the next step's noise for the same images (a view of the block drawn ahead,
@@ -89,7 +97,8 @@ class StepNoise:
 
     def __init__(self, source: NoiseSource, shape: tuple, steps: int | None):
         self.source, self.shape = source, shape
-        self.remaining = steps  # draws not yet drawn, or None
+        held = 0 if source._block is None else len(source._block) - source._next
+        self.remaining = None if steps is None else max(0, steps - held)  # draws not yet drawn, or None
         self.fit = max(1, BLOCK_BYTES // (4 * len(source._generators) * math.prod(shape)))
 
     def __call__(self, i) -> np.ndarray:

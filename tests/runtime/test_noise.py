@@ -138,3 +138,23 @@ def test_a_stepper_told_the_count_draws_exactly_that_and_the_same_numbers(monkey
         small.stepper(3, shape)
     with pytest.raises(RuntimeError, match="shape"):
         small.stepper(2, (1, 2, 8))
+
+
+@pytest.mark.parametrize("num", [1, 3])
+def test_latents_drawn_with_the_first_steps_are_the_same_numbers(monkeypatch, num):
+    """initial(..., steps) draws each image's latent and its first block of step noise in one call; the
+    stepper hands those out first and draws the rest: the numbers of initial() then one draw per step."""
+    from dtk.runtime.samplers import noise as noise_module
+
+    monkeypatch.setattr(noise_module, "BLOCK_BYTES", 3 * num * 4 * 6)  # three steps a block
+    shape = (1, 2, 3)
+    ahead, plain = NoiseSource(6, first_index=2), NoiseSource(6, first_index=2)
+    x = ahead.initial(num, shape, steps=7)
+    np.testing.assert_array_equal(x, plain.initial(num, shape))
+    assert x.flags.c_contiguous and len(ahead._block) == 3
+    stepper = ahead.stepper(num, shape, 7)
+    assert stepper.remaining == 4  # three held, four still to draw
+    got = [stepper(0), *stepper.take(), *stepper.take(), stepper(6)]
+    for step in got:
+        np.testing.assert_array_equal(step, plain.step(num, shape))
+    assert len(got) == 7 and stepper.remaining == 0
