@@ -195,6 +195,18 @@ class Stopwatch:
             self.seconds += self.clock() - start
 
 
+class NoiseStopwatch(Stopwatch):
+    """A Stopwatch on a step-noise source that also times its `take()`, so the host loop still takes the
+    noise a block at a time, as in `Pipeline.sample`."""
+
+    def take(self):
+        start = self.clock()
+        try:
+            return self.fn.take()
+        finally:
+            self.seconds += self.clock() - start
+
+
 def profile_sampling(
     denoiser,
     plan,
@@ -218,7 +230,7 @@ def profile_sampling(
 
     source = NoiseSource(seed)
     x = source.initial(batch, sample_shape)
-    noise = Stopwatch(source.stepper(batch, sample_shape, int(plan.needs_noise.sum())), clock)
+    noise = NoiseStopwatch(source.stepper(batch, sample_shape, plan.noisy_steps), clock)
     steps = len(plan.timesteps)
     device_s = None if device_call_ms is None else steps * device_call_ms / 1000.0
 
