@@ -1,18 +1,23 @@
 """The sampling loop on numpy arrays, its update in place and split around the network call: the host's hot
 path.
 
-The same terms as `plan.update`, in the same order and in the same precision, so the results are bit for bit
-those of the generic update; only the temporaries differ. The generic update allocates two arrays per term
-(the product and the running sum); here each product goes into one scratch buffer reused across steps and is
-added into the sum in place, so a step allocates two arrays (x0 and x_next) whatever the sampler. Both are new
-every step: a caller (a step callback) may keep them, and the next step never writes into them.
+Each product goes into one scratch buffer reused across steps and is added into its sum in place, so a step
+allocates only its new arrays (x_next, and what it hands the next steps); they are new every step, so a
+caller (a step callback) may keep them, and no later step writes into them. The steps are compiled once per
+plan into (slot, coefficient) pairs without the zero coefficients, and only what can change (the network
+output, the step noise) is checked per step. Each step is cut in two around the network call: ahead of it,
+the terms that do not read the network's output; behind it, those that do.
 
-A network call leaves the caches full of its own work, and every Python and numpy operation right after it
-costs two to three times its hot price. So each step is cut in two around the call. Ahead of it, while the
-caches still hold the last update, the loop sums the terms that do not read the network's output (a·x,
-d·x0_prev, d2·x0_prev2, e·noise, and p·x of x0); behind it only the terms of `out` remain (q·out into x0, the
-x0 transform, b·out and c·x0). The steps are compiled once per plan into (slot, coefficient) pairs with the
-zero coefficients left out, and only what can change (the network output, the step noise) is checked.
+- x0 clipped or thresholded (not linear): the terms of `plan.update`, in its order and precision, so the
+  results are bit for bit those of the generic update.
+- x0 linear: x_next on x and out directly (fused coefficients, `fused_rows`), and x0 only where a later
+  step reads it. With one x0 of history (DPM-Solver++(2M) and its SDE), a step hands the next its whole term
+  d·x0, which that step adds without a product. Both round differently from the generic update, by a few
+  float roundings of the largest term.
+
+The noise of a NoiseSource stepper is taken a block at a time and multiplied by the steps' e in one
+operation (bit for bit e·noise step by step). Per step of the 50-step `tiny` benchmark this leaves 3 array
+operations for DDIM and 8 for DPM-Solver++(2M) SDE, against 5 and 10 term by term.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ def host_loop(denoise: Callable, x: np.ndarray, plan: SamplerPlan, noise, callba
     pending, scaled, drawn = [], False, 0  # the block's e·noise (or raw draws), last step first; steps done
     carry = np.zeros(shape, dtype)  # what the step before handed on: x0, or the next step's d·x0
     carry_before = carry
-    generic, before = False, None  # the generic update from here on; the step before's (row, x, out)
+    generic, before = False, None  # the generic update from here on; the step before's (x, out)
     for i, (t, e, ahead, adds_carry, carry_x, carry_out, behind) in enumerate(program):
         step_noise = None
         if e is not None:
@@ -125,9 +130,8 @@ def _generic_x0(plan: SamplerPlan, program: list, i: int, carry, before):
         return carry
     p, q = plan.coeffs[i - 1, :2].tolist()
     x, out = before
-    return update([p, q, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], x, out, None, None, plan.clip, None, plan.threshold)[
-        1
-    ]
+    _, x0 = update([p, q, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], x, out, None, None, plan.clip, None, plan.threshold)
+    return x0
 
 
 def _noise_block(take, es: list, dtype, shape) -> tuple[list, bool]:
