@@ -16,11 +16,12 @@ def sample_loop(
     """Run `plan` from the initial latents `x` and return the final sample.
 
     denoise(x, t) → model output for the whole batch at integer timestep t (the caller broadcasts t);
-    noise(i) → fresh standard normal noise like x, called only for steps with plan.needs_noise[i];
+    noise(i) → fresh standard normal noise like x, called only for steps with plan.needs_noise[i], in order
+    (on numpy, a source with `take()`, a NoiseSource stepper, is taken a block of draws at a time instead);
     callback(i, t, x) after each step; x is a new array every step (the loop never writes into one it handed
-    out), so a callback may keep it. On numpy the update runs in place through a reused scratch buffer, with
-    x0 skipped where it is linear and never read back (samplers/host.py): the generic `update` that other
-    array types get (`generic_loop`), bit for bit or, on fused steps, to float rounding."""
+    out), so a callback may keep it. On numpy the update runs in place (samplers/host.py): the generic
+    `update` that other array types get (`generic_loop`), bit for bit where x0 is clipped or thresholded, to
+    a few float roundings where it is linear and the sums are fused."""
     if noise is None and plan.noisy_steps:
         raise ValueError(f"{plan.name} adds noise on {plan.noisy_steps} steps: pass a noise source")
     if type(x) is np.ndarray:
