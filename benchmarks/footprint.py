@@ -153,7 +153,7 @@ def generic_loop(denoise, x, plan, noise, callback=None):
 
 def child_overhead(bundle: str, threads: int, rounds: int) -> dict:
     """Per round, interleaved: 50 bare denoiser calls, then a 50-step `Pipeline.sample` of the same batch with
-    the in-place host update, then the same with the generic update (before). Each sample runs through a
+    the in-place host loop, then the same with the generic loop (before). Each sample runs through a
     `timed_denoiser`, so its own time splits into the denoiser's and the rest. Also the loop's own cost per
     step, hot, with a denoiser that costs nothing, both ways."""
     import numpy as np
@@ -367,8 +367,8 @@ def report(record: dict) -> str:
         "After a wait: with a denoiser that busy-waits as long as a real call and returns zeros, the loop's "
         "time outside it per step (what the same Python costs once other work has filled the caches and "
         "branch predictors, as in the real loop). "
-        "Before: the same rounds with the generic update (every product and sum a new array) in place of "
-        "the in-place host update, interleaved in the same process.",
+        "Before: the same rounds with the generic loop (every product and sum a new array) in place of "
+        "the in-place host loop, interleaved in the same process.",
         "",
         "| sampler | 50 bare calls | 50-step sample | inside the denoiser | overhead (before) "
         "| against bare (before) | fastest against fastest (before) | loop alone (before) "
