@@ -99,10 +99,8 @@ class FreeDenoiser:
 
         return np.zeros_like(sample)
 
-    def run_chain(self, plan, x, noise, callback=None):  # as the ONNX Runtime backend's on the CPU
-        from dtk.runtime.samplers import sample_loop
-
-        return sample_loop(self, x, plan, noise, callback)
+    def run_chain(self, plan, x, noise, callback=None):
+        return host_chain(self, plan, x, noise, callback)
 
     def close(self):
         pass
@@ -130,12 +128,10 @@ def timed_denoiser(denoiser):
     sampling through it splits one run's time into the denoiser's and the loop's, side by side, so a machine
     whose speed drifts between two timed blocks does not move the overhead."""
     from dtk.runtime.bench import Stopwatch
-    from dtk.runtime.samplers import sample_loop
 
     class TimedDenoiser(Stopwatch):
         def run_chain(self, plan, x, noise, callback=None):
-            """What the ONNX Runtime backend's chain does on the CPU, the host loop, calling this timer."""
-            return sample_loop(self, x, plan, noise, callback)
+            return host_chain(self, plan, x, noise, callback)
 
         def __getattr__(self, name):  # batch_range, chain_guidance, ...: the denoiser's
             return getattr(self.fn, name)
@@ -143,12 +139,12 @@ def timed_denoiser(denoiser):
     return TimedDenoiser(denoiser)
 
 
-def generic_loop(denoise, x, plan, noise, callback=None):
-    """The loop as it ran before the in-place path (samplers/host.py): `plan.update`, which allocates every
-    product and sum. Swapped in for `host_loop` to time old against new in one process."""
-    from dtk.runtime.samplers.loop import generic_loop
+def host_chain(denoiser, plan, x, noise, callback=None):
+    """What the ONNX Runtime backend's chain does on the CPU: the host loop, calling `denoiser` (a timer or a
+    stand-in) with an integer t."""
+    from dtk.runtime.samplers import sample_loop
 
-    return generic_loop(denoise, x, plan, noise, callback)
+    return sample_loop(denoiser, x, plan, noise, callback)
 
 
 def child_overhead(bundle: str, threads: int, rounds: int) -> dict:
@@ -160,6 +156,7 @@ def child_overhead(bundle: str, threads: int, rounds: int) -> dict:
 
     from dtk.runtime import Pipeline
     from dtk.runtime.samplers import host
+    from dtk.runtime.samplers.loop import generic_loop  # the loop before the in-place path: every product new
 
     in_place = host.host_loop
     ways = (("", in_place), ("_before", generic_loop))

@@ -188,9 +188,13 @@ class Stopwatch:
         self.fn, self.clock, self.seconds = fn, clock, 0.0
 
     def __call__(self, *args):
+        return self.timed(self.fn, *args)
+
+    def timed(self, fn, *args):
+        """fn(*args), its time added to this stopwatch."""
         start = self.clock()
         try:
-            return self.fn(*args)
+            return fn(*args)
         finally:
             self.seconds += self.clock() - start
 
@@ -200,11 +204,7 @@ class NoiseStopwatch(Stopwatch):
     noise a block at a time, as in `Pipeline.sample`."""
 
     def take(self):
-        start = self.clock()
-        try:
-            return self.fn.take()
-        finally:
-            self.seconds += self.clock() - start
+        return self.timed(self.fn.take)
 
 
 def profile_sampling(

@@ -280,6 +280,7 @@ def test_gpu_check_reads_junit_and_writes_its_table(tmp_path):
 
 def test_footprint_times_the_generic_update_as_the_loop_ran_before(monkeypatch):
     from dtk.runtime.samplers import NoiseSource, host, make_plan, sample_loop, update
+    from dtk.runtime.samplers.loop import generic_loop
     from dtk.runtime.schedule import DiffusionConfig
 
     footprint = _script("footprint")
@@ -293,7 +294,7 @@ def test_footprint_times_the_generic_update_as_the_loop_ran_before(monkeypatch):
     for t, row in zip(plan.timesteps.tolist(), plan.coeffs.tolist(), strict=True):
         x, x0_prev = update(row, x, denoise(x, t), x0_prev, None, None)
     in_place = sample_loop(denoise, start, plan, None)
-    monkeypatch.setattr(host, "host_loop", footprint.generic_loop)
+    monkeypatch.setattr(host, "host_loop", generic_loop)
     before = sample_loop(denoise, start, plan, None)
     np.testing.assert_array_equal(before, x)  # "before" is the generic update, bit for bit
     np.testing.assert_allclose(in_place, x, rtol=1e-6, atol=1e-6)  # ddim fuses: float32 rounding only

@@ -68,7 +68,7 @@ def host_loop(denoise: Callable, x: np.ndarray, plan: SamplerPlan, noise, callba
                 step_noise = pending.pop()
             drawn += 1
         if not (generic or step_noise is None or scaled or _fits(step_noise, dtype, shape)):
-            generic, carry = True, _generic_x0(plan, program, i, carry, before)
+            generic, carry = True, _generic_x0(plan, i, adds_carry, carry, before)
         if not generic:  # ahead of the call: x_next's terms without `out`, and carry_x·x
             arrays = [x, None, None, carry, carry_before]
             total = made = None
@@ -89,7 +89,7 @@ def host_loop(denoise: Callable, x: np.ndarray, plan: SamplerPlan, noise, callba
         out = denoise(x, t)
 
         if not (generic or (type(out) is ndarray and out.dtype == dtype and out.shape == shape)):
-            generic, carry = True, _generic_x0(plan, program, i, carry, before)
+            generic, carry = True, _generic_x0(plan, i, adds_carry, carry, before)
         if not generic:
             if carry_out is not None:  # the carry: x0 = T(p·x + q·out), or d'·x0 for the next step
                 if made is None:
@@ -123,10 +123,10 @@ def host_loop(denoise: Callable, x: np.ndarray, plan: SamplerPlan, noise, callba
     return x
 
 
-def _generic_x0(plan: SamplerPlan, program: list, i: int, carry, before):
+def _generic_x0(plan: SamplerPlan, i: int, adds_carry: bool, carry, before):
     """The x0 of the step before i as the generic update has it, where the in-place loop hands step i the
-    carry: x0 itself, or d·x0 on a plan that carries the term (then x0 again from that step's x and out)."""
-    if i == 0 or not program[i][3]:  # x0 itself, or a term the generic update does not read (d = 0)
+    carry: x0 itself, or d·x0 where step i adds the carried term (then x0 again from that step's x, out)."""
+    if i == 0 or not adds_carry:  # x0 itself, or a term the generic update does not read (d = 0)
         return carry
     p, q = plan.coeffs[i - 1, :2].tolist()
     x, out = before
@@ -174,9 +174,7 @@ def _compile(plan: SamplerPlan, dtype) -> list:
     for i, (t, row) in enumerate(zip(plan.timesteps.tolist(), coeffs, strict=True)):
         next_d = coeffs[i + 1][5] if i + 1 < len(coeffs) else 0.0
         after_d2 = coeffs[i + 2][7] if i + 2 < len(coeffs) else 0.0
-        carry_scale = None  # the carry is x0; with carries_term, d' of the next step times x0
-        if carries_term:
-            carry_scale = next_d
+        carry_scale = next_d if carries_term else None  # None: the carry is x0 itself
         steps.append((t, *_program(row, fused[i], next_d != 0.0 or after_d2 != 0.0, carry_scale, dtype)))
     return steps
 

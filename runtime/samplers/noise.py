@@ -52,7 +52,7 @@ class NoiseSource:
             raise ValueError(f"NoiseSource.initial({num}) for {len(keys)} per-image seeds")
         self._generators = [np.random.Generator(np.random.PCG64(list(key))) for key in keys]
         shape = tuple(int(s) for s in shape_chw)
-        ahead = min(steps, max(1, BLOCK_BYTES // (4 * num * math.prod(shape)))) if steps > 0 else 0
+        ahead = min(steps, _steps_per_block(num, shape)) if steps > 0 else 0
         draws = self._draw((1 + ahead, *shape))  # per image: its latent, then its first steps' noise
         if ahead:
             self._block, self._next = np.ascontiguousarray(draws[:, 1:].swapaxes(0, 1)), 0
@@ -90,6 +90,11 @@ class NoiseSource:
         return noise
 
 
+def _steps_per_block(num: int, shape) -> int:
+    """How many steps of float32 noise for `num` images of `shape` fit in BLOCK_BYTES (at least one)."""
+    return max(1, BLOCK_BYTES // (4 * num * math.prod(shape)))
+
+
 class StepNoise:
     """A run's step noise from one NoiseSource: `noise(i)` is the next draw [num, C, H, W] (i is not read);
     `take()` hands out at once every draw held and not yet given, or else the next block: [K, num, C, H, W],
@@ -99,7 +104,7 @@ class StepNoise:
         self.source, self.shape = source, shape
         held = 0 if source._block is None else len(source._block) - source._next
         self.remaining = None if steps is None else max(0, steps - held)  # draws not yet drawn, or None
-        self.fit = max(1, BLOCK_BYTES // (4 * len(source._generators) * math.prod(shape)))
+        self.fit = _steps_per_block(len(source._generators), shape)
 
     def __call__(self, i) -> np.ndarray:
         source = self.source

@@ -15,8 +15,8 @@ with scalars (p, q, a, b, c, d, e, d2) = coeffs[i]; x0_prev and x0_prev2 are the
 Thresholding wins over clipping, as in diffusers.
 
 `update` adds up x_next in the order a, d, d2, e, b, c: the terms that do not read the network's output
-first, so that the host loop can sum them before the call, while its caches are warm (samplers/host.py),
-and still give these results bit for bit.
+first, so that the host loop (samplers/host.py) can sum them before the call and, where x0 is clipped or
+thresholded, still give these results bit for bit.
 
 Multistep solvers (DPM-Solver++(2M/3M), UniPC) are linear in the x0 history, so two history terms cover
 them; UniPC's corrector, which revises x_t with the new x0 before the predictor runs, folds into the same row
